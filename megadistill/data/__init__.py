@@ -1,0 +1,1 @@
+"""Data path: corpus readers, Megatron indexed datasets, packing and collation."""

@@ -1,0 +1,1 @@
+"""Distillation losses, chunked over tokens so full logits are never held."""

@@ -1,0 +1,75 @@
+"""Shared test fixtures: the SIB-200 data directory and a tiny Gemma-like BPE tokenizer.
+
+The SIB-200 copy lives outside the project (``../shared/data/sib200`` beside the
+checkout); set ``MEGADISTILL_SIB200`` to point elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+
+
+def find_sib200() -> Path:
+    """Return the SIB-200 directory, or raise ``FileNotFoundError`` saying how to fix it."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "sib200"
+    path = Path(os.environ.get("MEGADISTILL_SIB200", default))
+    if not (path / "hin_Deva" / "train.tsv").is_file():
+        raise FileNotFoundError(
+            f"SIB-200 data not found at {path}: put ../shared/data/sib200 beside the checkout "
+            "or set MEGADISTILL_SIB200=/path/to/sib200"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sib200_dir() -> Path:
+    """Path of the SIB-200 directory (``<lang>_<Script>/{train,dev,test}.tsv``)."""
+    return find_sib200()
+
+
+def read_sib200_texts(sib200: Path, lang: str = "hin_Deva", split: str = "train") -> list[str]:
+    """The ``text`` column of one SIB-200 split, in file order."""
+    with open(sib200 / lang / f"{split}.tsv", encoding="utf-8", newline="") as f:
+        return [row["text"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 700):
+    """A Gemma-like BPE tokenizer (byte fallback, ``▁`` for spaces, BOS prepended).
+
+    Ids: 0 ``<pad>``, 1 ``<eos>``, 2 ``<bos>``, 3 ``<unk>``, 4..259 byte tokens, then merges.
+    Returns a ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    tok.train_from_iterator(texts, trainer)
+    vocab = tok.get_vocab()
+    merges = [tuple(m) for m in __import__("json").loads(tok.to_str())["model"]["merges"]]
+    # Rebuild so that byte tokens are ordinary vocabulary entries, as in Gemma's tokenizer.json.
+    final = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    final.normalizer = tok.normalizer
+    final.pre_tokenizer = tok.pre_tokenizer
+    final.add_special_tokens(SPECIAL_TOKENS)
+    final.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    final.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=final, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(sib200_dir):
+    """Tiny BPE tokenizer trained on SIB-200 Hindi + English train text (about 700 ids)."""
+    texts = read_sib200_texts(sib200_dir, "hin_Deva") + read_sib200_texts(sib200_dir, "eng_Latn")
+    return build_tiny_tokenizer(texts)
