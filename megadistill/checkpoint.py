@@ -1,0 +1,70 @@
+"""Checkpoints that resume (DeepSpeed ZeRO shards + loop state) and the Hugging Face export.
+
+A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXX/`` written by
+``engine.save_checkpoint``; DeepSpeed updates ``checkpoints/latest`` only after every rank
+has written its shard, so an interrupted save is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from megadistill import distributed
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> None:
+    """Save model, optimizer, scheduler and ``client_state`` (consumed samples, step) on all ranks.
+
+    Every rank must call this (collective). ``client_state`` must be picklable.
+    """
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:07d}", client_state=client_state)
+
+
+def resume(engine, ckpt_dir: str | Path) -> dict | None:
+    """Load the latest checkpoint under ``ckpt_dir`` into ``engine``; return its client state.
+
+    Returns ``None`` when there is no checkpoint (a fresh run). Every rank must call this.
+
+    Raises:
+        ValueError: ``latest`` names a checkpoint that DeepSpeed cannot load.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest").is_file():
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        tag = (ckpt_dir / "latest").read_text().strip()
+        raise ValueError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir} to start over")
+    return client_state
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, extra_files: dict[str, dict] | None = None) -> None:
+    """Write ``model`` (gathered from ZeRO-3 shards) and ``tokenizer`` with ``save_pretrained``.
+
+    Every rank must call this (the gather is collective); rank 0 writes into a temporary
+    directory and renames it to ``out_dir``, replacing an older export only when the new
+    one is complete. ``extra_files`` maps file names to JSON-serializable dicts written
+    beside the weights (e.g. ``vocab_map.json``, ``megadistill.json``).
+    """
+    out_dir = Path(out_dir)
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if distributed.is_main():
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, payload in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+            old = out_dir.with_name(out_dir.name + ".old")
+            if out_dir.exists():
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()

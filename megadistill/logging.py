@@ -1,0 +1,72 @@
+"""Run output for humans and tools: console logging, progress bar, metrics.jsonl, tensorboard.
+
+Only rank 0 writes; other ranks get no-op objects, so callers never branch on rank.
+(Named after the design card; ``megadistill/train.py`` removes its own folder from
+``sys.path`` so this module never shadows the standard library's ``logging``.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def setup_console(is_main: bool, level: int = std_logging.INFO) -> None:
+    """Route library log records to stderr: INFO on rank 0, WARNING elsewhere."""
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    root = std_logging.getLogger("megadistill")
+    root.handlers[:] = [handler]
+    root.setLevel(level if is_main else std_logging.WARNING)
+    root.propagate = False
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors scalars to tensorboard.
+
+    Args:
+        run_dir: the run directory; files go to ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard``.
+        enabled: False on ranks other than 0 (every method becomes a no-op).
+
+    Each record is ``{"step": int, "time_s": float (since start), "split": str, <metric>: float...}``.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.start = time.time()
+        self._file = None
+        self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Record ``metrics`` (plain floats/ints) for optimizer step ``step`` under ``split`` (train/valid)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time_s": round(time.time() - self.start, 3), "split": split}
+        record.update({k: float(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            self._tb.add_scalar(f"{split}/{key}", float(value), step)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def progress_bar(total_steps: int, initial_step: int, enabled: bool):
+    """A tqdm bar over optimizer steps on rank 0 (``disable=True`` elsewhere)."""
+    return tqdm(total=total_steps, initial=initial_step, disable=not enabled, unit="step", dynamic_ncols=True, desc="distill")

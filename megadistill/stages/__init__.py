@@ -1,0 +1,1 @@
+"""Distillation stages: pre-training (this version), in-training and post-training (later)."""

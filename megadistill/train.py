@@ -1,0 +1,177 @@
+"""Pre-training distillation entry point: recipe in, trained and exported student out.
+
+    deepspeed --num_gpus 2 megadistill/train.py --ds_config ds_configs/cpu_zero3.json \
+        --config megadistill/recipes/quickstart.yaml [key=value ...]
+
+Also runs under ``torchrun`` and as plain ``python`` (one process). Reads top to bottom:
+config -> process group -> teacher -> data -> student -> engines -> resume -> loop -> export.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: put the repository root first and drop megadistill/ itself, whose
+    # logging.py would otherwise shadow the standard library module.
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [_root] + [p for p in sys.path[1:] if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+from megadistill import checkpoint, distributed, engine
+from megadistill.config import RunConfig, load_config, save_config, to_dict
+from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches
+from megadistill.data.packing import PackedDataset
+from megadistill.logging import MetricsLogger, setup_console
+from megadistill.models.student import build_student_from_teacher, parse_layer_map
+from megadistill.models.teacher import count_parameters, load_teacher, output_softcap, resolve_teacher
+from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokenizer
+from megadistill.stages.pretrain import DistillStudent, LoopState, TeacherBody, evaluate_loss, train_loop
+
+log = logging.getLogger("megadistill.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """``--config`` recipe, ``--ds_config`` DeepSpeed JSON, and dotted ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (see megadistill/recipes/)")
+    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
+    return parser.parse_args(argv)
+
+
+def load_teacher_once(cfg: RunConfig):
+    """Rank 0 converts/caches a GGUF teacher first; the other ranks then load the cached copy."""
+    if distributed.is_main():
+        resolve_teacher(cfg.teacher.path, cfg.teacher.cache_dir)
+    distributed.barrier()
+    return load_teacher(cfg.teacher.path, cache_dir=cfg.teacher.cache_dir)
+
+
+def open_datasets(prefixes: list[str], tokenizer) -> list[IndexedDataset]:
+    """Open indexed datasets and refuse any binarized with a different tokenizer than the teacher's."""
+    datasets = []
+    for prefix in prefixes:
+        check_tokenizer_matches(prefix, tokenizer)
+        datasets.append(IndexedDataset(prefix))
+    return datasets
+
+
+def check_vocab_sizes(teacher, tokenizer) -> int:
+    """Real teacher vocabulary size; rows of the output head beyond it are padding.
+
+    Raises:
+        ValueError: the tokenizer has more ids than the teacher head has rows.
+    """
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    real = len(tokenizer)
+    if real > rows:
+        raise ValueError(f"teacher tokenizer has {real} ids but the teacher head has {rows} rows: tokenizer and model do not match")
+    if rows > real:
+        log.info("teacher head has %d rows for %d real ids: %d padded rows are masked out of KD", rows, real, rows - real)
+    return real
+
+
+def build_student(cfg: RunConfig, teacher, tokenizer, train_sets, teacher_vocab: int):
+    """Student model, its tokenizer, the VocabMap (or None) and the teacher head rows KD uses."""
+    layer_map = parse_layer_map(cfg.student.layer_map, teacher.config.num_hidden_layers)
+    vocab_map = None
+    if cfg.student.trim_vocab:
+        kept = kept_ids_from_corpus(train_sets, tokenizer)
+        vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, always_keep=())
+    student = build_student_from_teacher(teacher, layer_map, vocab_map)
+    if cfg.student.init == "random":
+        torch.manual_seed(cfg.train.seed)
+        student = type(student)(student.config)
+    head = teacher.get_output_embeddings().weight.detach()
+    teacher_head = vocab_map.restrict_rows(head) if vocab_map is not None else head[:teacher_vocab].clone()
+    student_tokenizer = trim_tokenizer(tokenizer, vocab_map) if vocab_map is not None else tokenizer
+    return student, student_tokenizer, vocab_map, teacher_head, layer_map
+
+
+def export_files(cfg: RunConfig, vocab_map, layer_map, stage: str) -> dict:
+    """Self-describing sidecar files for an HF export (what it was distilled from and how)."""
+    files = {"megadistill.json": {"stage": stage, "teacher": cfg.teacher.path, "layer_map": layer_map,
+                                  "config": to_dict(cfg)}}
+    if vocab_map is not None:
+        files["vocab_map.json"] = vocab_map.to_dict()
+    return files
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    distributed.init()
+    engine.init_distributed_backend()
+    setup_console(distributed.is_main())
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.run_dir)
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    wall_start = time.time()
+
+    teacher, tokenizer = load_teacher_once(cfg)
+    teacher_vocab = check_vocab_sizes(teacher, tokenizer)
+    train_sets = open_datasets(cfg.data.train_prefixes, tokenizer)
+    valid_sets = open_datasets(cfg.data.valid_prefixes, tokenizer)
+    train_data = PackedDataset(train_sets, cfg.data.seq_len_tokens, seed=cfg.train.seed)
+    valid_data = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False) if valid_sets else None
+
+    student, student_tokenizer, vocab_map, teacher_head, layer_map = build_student(cfg, teacher, tokenizer, train_sets, teacher_vocab)
+    params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+    log.info("parameters: %s", json.dumps(params))
+    log.info("student vocabulary: %d ids (teacher %d); layers %s", len(student_tokenizer), teacher_vocab, layer_map)
+    if distributed.broadcast_object(not (run_dir / "hf_init").exists()):
+        checkpoint.export_hf(student, student_tokenizer, run_dir / "hf_init", export_files(cfg, vocab_map, layer_map, "init"))
+
+    ds_config = engine.build_ds_config(engine.load_ds_config(args.ds_config), cfg.train, cfg.optim, distributed.world_size())
+    module = DistillStudent(student, teacher_head, cfg.loss, vocab_size=len(student_tokenizer),
+                            student_softcap=output_softcap(student.config), teacher_softcap=output_softcap(teacher.config))
+    student_engine = engine.init_student(module, ds_config, external_params=[student.get_output_embeddings().weight])
+    teacher_engine = engine.init_teacher(TeacherBody(teacher), ds_config) if cfg.loss.kd_weight > 0 else None
+
+    ckpt_dir = run_dir / "checkpoints"
+    client = checkpoint.resume(student_engine, ckpt_dir)
+    state = LoopState(**client["loop_state"]) if client else LoopState()
+    if client:
+        log.info("resumed from step %d (%d samples consumed)", state.step, state.consumed_samples)
+
+    def save(s: LoopState) -> None:
+        checkpoint.save(student_engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()})
+
+    metrics_logger = MetricsLogger(run_dir, distributed.is_main())
+    totals = train_loop(student_engine, teacher_engine, train_data, valid_data, vocab_map, cfg.train, state,
+                        metrics_logger, save, cfg.data.seq_len_tokens)
+    final_eval = {}
+    if valid_data is not None:
+        final_eval = evaluate_loss(student_engine, teacher_engine, valid_data, vocab_map, cfg.train.micro_batch_size,
+                                   cfg.train.eval_max_batches)
+        metrics_logger.log(state.step, "valid", final_eval)
+    if totals["steps_run"] > 0:
+        save(state)
+    checkpoint.export_hf(student, student_tokenizer, run_dir / "hf", export_files(cfg, vocab_map, layer_map, "distilled"))
+    metrics_logger.close()
+    if distributed.is_main():
+        summary = {"world_size": distributed.world_size(), "steps": state.step, "consumed_samples": state.consumed_samples,
+                   "parameters": params, "valid": final_eval, "wall_time_s": time.time() - wall_start, **totals}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
+    distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:
+        # Bad user input: one line naming the problem and the fix, no traceback.
+        print(f"megadistill.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
