@@ -109,6 +109,8 @@ class TrainConfig:
     """Micro-batches per rank per evaluation."""
     save_every_steps: int = 50
     """Optimizer steps between checkpoints (0: only at the end)."""
+    exit_after_steps: int | None = None
+    """Checkpoint and exit after this many steps in this process (time-limited jobs; resume by rerunning)."""
 
 
 @dataclass
@@ -201,6 +203,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return [_coerce(v, args[0], key) for v in value] if args else value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it looks like.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
     return value

@@ -150,13 +150,18 @@ def main(argv=None) -> int:
     metrics_logger = MetricsLogger(run_dir, distributed.is_main())
     totals = train_loop(student_engine, teacher_engine, train_data, valid_data, vocab_map, cfg.train, state,
                         metrics_logger, save, cfg.data.seq_len_tokens)
+    if totals["steps_run"] > 0:
+        save(state)
+    if state.step < cfg.train.max_steps:
+        log.info("stopped at step %d of %d (train.exit_after_steps): rerun the same command to resume", state.step, cfg.train.max_steps)
+        metrics_logger.close()
+        distributed.barrier()
+        return 0
     final_eval = {}
     if valid_data is not None:
         final_eval = evaluate_loss(student_engine, teacher_engine, valid_data, vocab_map, cfg.train.micro_batch_size,
                                    cfg.train.eval_max_batches)
         metrics_logger.log(state.step, "valid", final_eval)
-    if totals["steps_run"] > 0:
-        save(state)
     checkpoint.export_hf(student, student_tokenizer, run_dir / "hf", export_files(cfg, vocab_map, layer_map, "distilled"))
     metrics_logger.close()
     if distributed.is_main():

@@ -158,6 +158,9 @@ def train_loop(
 ) -> dict:
     """Run optimizer steps from ``state.step`` to ``train.max_steps``; returns throughput totals.
 
+    With ``train.exit_after_steps`` the loop stops early (the caller checkpoints), so a
+    time-limited job can be resumed by rerunning the same command.
+
     ``save_fn(state)`` is called (on all ranks) every ``train.save_every_steps`` steps.
     Logged per step (rank 0): loss, ce, kd (nats/token), lr, grad_norm, tokens/s (all ranks).
     """
@@ -167,7 +170,8 @@ def train_loop(
     tokens_per_step = world * train.micro_batch_size * train.grad_accum_steps * seq_len_tokens
     bar = progress_bar(train.max_steps, state.step, distributed.is_main())
     start, steps_run = time.time(), 0
-    while state.step < train.max_steps:
+    stop_at = train.max_steps if train.exit_after_steps is None else min(train.max_steps, state.step + train.exit_after_steps)
+    while state.step < stop_at:
         t0, totals = time.time(), _Totals()
         for _ in range(train.grad_accum_steps):
             idx = micro_batch_indices(state.consumed_samples, rank, world, train.micro_batch_size)
@@ -188,10 +192,10 @@ def train_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", kd=f"{metrics['kd']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if valid_data is not None and train.eval_every_steps and state.step % train.eval_every_steps == 0 and state.step < train.max_steps:
+        if valid_data is not None and train.eval_every_steps and state.step % train.eval_every_steps == 0 and state.step < stop_at:
             metrics_logger.log(state.step, "valid", evaluate_loss(student_engine, teacher_engine, valid_data, vocab_map,
                                                                   train.micro_batch_size, train.eval_max_batches))
-        if train.save_every_steps and state.step % train.save_every_steps == 0 and state.step < train.max_steps:
+        if train.save_every_steps and state.step % train.save_every_steps == 0 and state.step < stop_at:
             save_fn(state)
     bar.close()
     elapsed = time.time() - start
