@@ -72,12 +72,25 @@ def init(timeout_s: int = 1800) -> None:
             WORLD_SIZE=os.environ["SLURM_NTASKS"],
             LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
         )
+    if "RANK" not in os.environ:
+        # Plain `python train.py`: a one-process group, so DeepSpeed needs no MPI discovery.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size())))
     if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend(), timeout=timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def barrier() -> None:

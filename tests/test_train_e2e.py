@@ -1,0 +1,130 @@
+"""End to end through the real ``deepspeed`` launcher: 2 CPU ranks on gloo, ZeRO-3, tiny models.
+
+One fresh run of 6 steps; a second run that stops after 3 steps (``train.exit_after_steps``)
+and is resumed by rerunning the same command must reproduce the same loss sequence; the
+exported student loads with ``AutoModelForCausalLM`` and its tokenizer yields student ids.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+from conftest import read_sib200_texts
+from tools.binarize import binarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
+    """A tiny Gemma 3 teacher directory and binarized Hindi train/dev data."""
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    Gemma3ForCausalLM(cfg).save_pretrained(root / "teacher")
+    tiny_tokenizer.save_pretrained(root / "teacher")
+    tok = AutoTokenizer.from_pretrained(root / "teacher")
+    binarize([sib200_dir / "hin_Deva" / "train.tsv"], tok, root / "data" / "hin.train", show_progress=False)
+    binarize([sib200_dir / "hin_Deva" / "dev.tsv"], tok, root / "data" / "hin.dev", show_progress=False)
+    return root
+
+
+def run_train(workspace: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+        "--ds_config", "ds_configs/cpu_zero3.json", "--config", "megadistill/recipes/quickstart.yaml",
+        f"run_dir={run_dir}", f"teacher.path={workspace / 'teacher'}",
+        f"data.train_prefixes=[{workspace / 'data' / 'hin.train'}]",
+        f"data.valid_prefixes=[{workspace / 'data' / 'hin.dev'}]",
+        "data.seq_len_tokens=32", "student.layer_map=2", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+        "train.max_steps=6", "train.eval_every_steps=3", "train.eval_max_batches=2", "train.save_every_steps=3",
+        "optim.warmup_steps=2", "loss.chunk_size_tokens=16", *extra,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def fresh_run(workspace):
+    run_dir = workspace / "run_fresh"
+    run_train(workspace, run_dir)
+    return run_dir
+
+
+def test_run_completes_checkpoints_and_exports(fresh_run):
+    losses = train_losses(fresh_run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(v == v and v > 0 for v in losses.values())
+    ckpts = fresh_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0000006"
+    assert (ckpts / "step_0000003").is_dir()
+    summary = json.loads((fresh_run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["world_size"] == 2 and summary["tokens_per_s"] > 0
+    assert (fresh_run / "config.yaml").is_file()
+    assert any((fresh_run / "tensorboard").iterdir())
+
+
+def test_resume_reproduces_loss_sequence(workspace, fresh_run):
+    run_dir = workspace / "run_resumed"
+    run_train(workspace, run_dir, "train.exit_after_steps=3")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    assert not (run_dir / "hf").exists()
+    proc = run_train(workspace, run_dir)
+    assert "resumed from step 3" in proc.stderr + proc.stdout
+    expected, got = train_losses(fresh_run), train_losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_exported_student_loads_and_matches_vocab(workspace, fresh_run):
+    hf = fresh_run / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    vocab_map = json.loads((hf / "vocab_map.json").read_text())
+    assert model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == len(tok) == len(vocab_map["student_to_teacher"])
+    text = read_sib200_texts(Path(os.environ.get("MEGADISTILL_SIB200", ROOT.parent / "shared/data/sib200")), "hin_Deva")[0]
+    ids = tok(text, return_tensors="pt").input_ids
+    assert int(ids.max()) < len(tok)
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+    init = AutoModelForCausalLM.from_pretrained(fresh_run / "hf_init")
+    moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values())]
+    assert any(moved), "distillation did not change the student"
+
+
+def test_bad_input_fails_with_one_line(workspace, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, "megadistill/train.py", "--ds_config", "ds_configs/cpu_zero3.json",
+            "--config", "megadistill/recipes/quickstart.yaml", f"run_dir={tmp_path / 'r'}",
+            f"data.train_prefixes=[{workspace / 'data' / 'hin.train'}]", "data.valid_prefixes=[]"]
+    proc = subprocess.run(base + ["train.max_step=3"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'train.max_steps'" in proc.stderr
+    proc = subprocess.run(base + [f"teacher.path={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
