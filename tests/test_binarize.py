@@ -1,0 +1,164 @@
+"""Tests for tools/binarize.py: SIB-200 → MMIDIDX with the tiny tokenizer, provenance, CLI errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches, read_provenance, tokenizer_sha256
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    # By file path, so the test works under bare `pytest` too (the repo root is not on sys.path then).
+    spec = importlib.util.spec_from_file_location("tools_binarize", REPO_ROOT / "tools" / "binarize.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+binarize_tool = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def hin_dev(sib200_dir, tiny_tokenizer, tmp_path_factory):
+    """SIB-200 hin_Deva dev split binarized once: (prefix, provenance, reference texts)."""
+    from conftest import read_sib200_texts
+
+    prefix = tmp_path_factory.mktemp("corpus") / "hin_Deva"
+    meta = binarize_tool.binarize(
+        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, batch_size_docs=16, show_progress=False
+    )
+    return prefix, meta, read_sib200_texts(sib200_dir, "hin_Deva", "dev")
+
+
+def test_documents_equal_tokenizer_ids_plus_eos(hin_dev, tiny_tokenizer):
+    prefix, _, texts = hin_dev
+    ds = IndexedDataset(prefix)
+    assert len(ds) == len(texts) == 99
+    assert ds.dtype.name == "uint16"
+    for i, text in enumerate(texts):
+        expected = tiny_tokenizer(unicodedata.normalize("NFC", text)).input_ids + [tiny_tokenizer.eos_token_id]
+        assert ds[i].tolist() == expected
+        assert expected[0] == tiny_tokenizer.bos_token_id
+
+
+def test_provenance_counts(hin_dev, tiny_tokenizer, sib200_dir):
+    prefix, meta, texts = hin_dev
+    ds = IndexedDataset(prefix)
+    assert read_provenance(prefix) == meta
+    nfc = [unicodedata.normalize("NFC", t) for t in texts]
+    assert meta["format"] == "megatron-mmidindex-v1"
+    assert meta["documents"] == 99
+    assert meta["tokens"] == int(ds.sizes.sum()) == ds.num_tokens
+    assert meta["characters"] == sum(len(t) for t in nfc)
+    assert meta["bytes_utf8"] == sum(len(t.encode("utf-8")) for t in nfc)
+    assert meta["tokenizer"]["sha256"] == tokenizer_sha256(tiny_tokenizer)
+    assert meta["tokenizer"]["vocab_size"] == len(tiny_tokenizer) == 700
+    assert (meta["bos_id"], meta["eos_id"], meta["add_bos"]) == (2, 1, True)
+    assert (meta["language"], meta["script"], meta["dtype"]) == ("hin", "Deva", "uint16")
+    assert meta["dropped"] == {}
+    assert meta["sources"] == [
+        {"path": str(sib200_dir / "hin_Deva" / "dev.tsv"), "format": "tsv", "documents": 99, "lines_read": 100}
+    ]
+
+
+def test_check_tokenizer_matches(hin_dev, tiny_tokenizer, sib200_dir):
+    from conftest import build_tiny_tokenizer, read_sib200_texts
+
+    prefix, _, _ = hin_dev
+    check_tokenizer_matches(prefix, tiny_tokenizer)
+    other = build_tiny_tokenizer(read_sib200_texts(sib200_dir, "hin_Deva"), vocab_size=500)
+    with pytest.raises(ValueError, match="re-binarize with the teacher tokenizer"):
+        check_tokenizer_matches(prefix, other)
+
+
+def test_multiple_inputs_and_dropped_counts(tmp_path, tiny_tokenizer):
+    first = tmp_path / "sat_Olck.txt"
+    first.write_bytes(b"one\ntwo\n\n\xff\n\nthree\n")
+    second = tmp_path / "more.jsonl"
+    second.write_text('{"text": "four"}\n{"text": ""}\n', encoding="utf-8")
+    meta = binarize_tool.binarize([first, second], tiny_tokenizer, tmp_path / "out" / "x", show_progress=False)
+    assert (meta["language"], meta["script"]) == ("sat", "Olck")
+    assert meta["documents"] == 3
+    assert meta["dropped"] == {"empty_document": 1, "invalid_utf8": 1}
+    assert [s["documents"] for s in meta["sources"]] == [2, 1]
+    ds = IndexedDataset(tmp_path / "out" / "x")
+    assert ds[0].tolist() == tiny_tokenizer("one\ntwo").input_ids + [1]
+    assert ds[2].tolist() == tiny_tokenizer("four").input_ids + [1]
+
+
+def test_failure_keeps_previous_output(hin_dev, tmp_path, tiny_tokenizer):
+    prefix, _, _ = hin_dev
+    before = {p: p.read_bytes() for p in prefix.parent.iterdir()}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\n\xffbroken\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:3: invalid UTF-8"):
+        binarize_tool.binarize([bad], tiny_tokenizer, prefix, on_error="fail", show_progress=False)
+    assert {p: p.read_bytes() for p in prefix.parent.iterdir()} == before
+
+
+def test_tokenizer_without_eos_is_rejected(tmp_path, tiny_tokenizer):
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="no EOS"):
+        binarize_tool.binarize([tmp_path / "x.txt"], NoEos(), tmp_path / "x", show_progress=False)
+
+
+def _run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "tools/binarize.py", *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_missing_input_exits_2(tmp_path):
+    missing = tmp_path / "no_such_corpus.tsv"
+    result = _run_cli("--input", missing, "--tokenizer", tmp_path / "tok", "--output-prefix", tmp_path / "out")
+    assert result.returncode == 2
+    assert "binarize: error:" in result.stderr and "no_such_corpus.tsv" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _save_teacher_dir(tokenizer, path):
+    """A tokenizer dir that ``load_tokenizer`` accepts: it wants a model dir, so add a config.json."""
+    from transformers import Gemma3TextConfig
+
+    tokenizer.save_pretrained(path)
+    Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=1, num_key_value_heads=1, head_dim=16).save_pretrained(path)
+    return path
+
+
+# In-process main() from here on: a subprocess pays the torch + transformers import (~8 s) again.
+def test_cli_bad_input_exits_2(tmp_path, tiny_tokenizer, capsys):
+    pytest.importorskip("megadistill.models.teacher")
+    bad = tmp_path / "notext.tsv"
+    bad.write_text("id\tsentence\n1\thello\n", encoding="utf-8")
+    tok = _save_teacher_dir(tiny_tokenizer, tmp_path / "tok")
+    code = binarize_tool.main(["--input", str(bad), "--tokenizer", str(tok), "--output-prefix", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "binarize: error:" in err and "notext.tsv: no 'text' column" in err
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_cli_success(tmp_path, tiny_tokenizer, sib200_dir, capsys):
+    pytest.importorskip("megadistill.models.teacher")
+    tok = _save_teacher_dir(tiny_tokenizer, tmp_path / "tok")
+    prefix = tmp_path / "hin_Deva"
+    dev = sib200_dir / "hin_Deva" / "dev.tsv"
+    code = binarize_tool.main(["--input", str(dev), "--tokenizer", str(tok), "--output-prefix", str(prefix), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "99 documents" in out and f"{prefix}.bin" in out and "dtype uint16" in out
+    assert len(IndexedDataset(prefix)) == 99
+    assert read_provenance(prefix)["tokenizer"]["name"] == str(tok)
+    check_tokenizer_matches(prefix, tiny_tokenizer)

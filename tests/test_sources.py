@@ -1,0 +1,157 @@
+"""Tests for megadistill.data.sources: tsv/txt/jsonl readers, errors, NFC, language codes."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+
+from megadistill.data.sources import Document, SourceStats, language_from_path, read_documents
+
+# "क़" written decomposed (KA + NUKTA) and "é" as e + combining acute: NFC must compose the latter
+# and keep the Devanagari nukta form that NFC excludes from composition.
+DECOMPOSED = "caf" + "e\u0301" + " \u0915\u093c"
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_tsv_reads_text_column_without_quoting(tmp_path):
+    path = write_bytes(tmp_path / "x.tsv", 'id\tcategory\ttext\n1\tsports\tsaid "hi\n2\tx\t"quoted" text\r\n'.encode())
+    stats = SourceStats()
+    docs = list(read_documents(path, stats=stats))
+    assert docs == [Document('said "hi', str(path), 2), Document('"quoted" text', str(path), 3)]
+    assert (stats.documents, stats.lines_read, stats.characters) == (2, 3, 8 + 13)
+
+
+def test_tsv_matches_sib200_reference(sib200_dir):
+    from conftest import read_sib200_texts
+
+    texts = [d.text for d in read_documents(sib200_dir / "hin_Deva" / "dev.tsv")]
+    assert texts == [unicodedata.normalize("NFC", t) for t in read_sib200_texts(sib200_dir, "hin_Deva", "dev")]
+    assert len(texts) == 99
+
+
+def test_tsv_without_text_column(tmp_path):
+    path = write_bytes(tmp_path / "x.tsv", b"id\tsentence\n1\thello\n")
+    with pytest.raises(ValueError, match=r"x\.tsv: no 'text' column"):
+        list(read_documents(path))
+
+
+def test_tsv_row_with_wrong_field_count_is_dropped(tmp_path):
+    path = write_bytes(tmp_path / "x.tsv", b"id\ttext\n1\ta\tb\n2\tok\n")
+    stats = SourceStats()
+    assert [d.text for d in read_documents(path, stats=stats)] == ["ok"]
+    assert stats.dropped == {"bad_tsv_row": 1}
+
+
+def test_txt_groups_sentences_by_blank_lines(tmp_path):
+    content = "\n\nएक।\nदो।\n\n\n  \nthree\n\nfour\nfive\n"
+    path = write_bytes(tmp_path / "x.txt", content.encode())
+    stats = SourceStats()
+    docs = list(read_documents(path, stats=stats))
+    assert [(d.text, d.line) for d in docs] == [("एक।\nदो।", 3), ("three", 8), ("four\nfive", 10)]
+    assert stats.lines_read == 11 and stats.documents == 3
+    assert stats.characters == sum(len(d.text) for d in docs)
+
+
+def test_jsonl_reads_text_field_and_counts_problems(tmp_path):
+    lines = [
+        json.dumps({"text": "पहला", "id": 1}, ensure_ascii=False),
+        "{not json",
+        json.dumps({"body": "x"}),
+        json.dumps({"text": "   "}),
+        "",
+        json.dumps({"text": "second\nline"}),
+        '{"text": "\\ud800"}',
+    ]
+    path = write_bytes(tmp_path / "x.jsonl", "\n".join(lines).encode())
+    stats = SourceStats()
+    docs = list(read_documents(path, stats=stats))
+    assert [(d.text, d.line) for d in docs] == [("पहला", 1), ("second\nline", 6)]
+    assert stats.dropped == {"bad_json": 1, "missing_text_field": 1, "empty_document": 1, "invalid_utf8": 1}
+
+
+@pytest.mark.parametrize(
+    "name, content, bad_line",
+    [
+        ("x.txt", b"good one\n\xff\xfebad\ngood two\n", 2),
+        ("x.tsv", b"id\ttext\n1\tfine\n2\tbro\xc3ken\n3\talso fine\n", 3),
+        ("x.jsonl", b'{"text": "fine"}\n{"text": "bad \xe0\xa4"}\n', 2),
+    ],
+)
+def test_invalid_utf8_skip_and_fail(tmp_path, name, content, bad_line):
+    path = write_bytes(tmp_path / name, content)
+    stats = SourceStats()
+    docs = list(read_documents(path, on_error="skip", stats=stats))
+    assert stats.dropped == {"invalid_utf8": 1}
+    assert all("bad" not in d.text and "bro" not in d.text for d in docs)
+    with pytest.raises(ValueError, match=rf"{name}:{bad_line}: invalid UTF-8 .*--on-error skip"):
+        list(read_documents(path, on_error="fail"))
+
+
+def test_txt_bad_line_does_not_split_document(tmp_path):
+    path = write_bytes(tmp_path / "x.txt", b"\xffbad\ngood one\ngood two\n")
+    docs = list(read_documents(path))
+    assert [(d.text, d.line) for d in docs] == [("good one\ngood two", 2)]
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+        read_documents(tmp_path / "nope.txt")  # raised at call time, before iteration
+    with pytest.raises(ValueError, match=r"empty\.tsv: empty file"):
+        read_documents(write_bytes(tmp_path / "empty.tsv", b""))
+    with pytest.raises(ValueError, match=r"blank\.txt: no documents"):
+        list(read_documents(write_bytes(tmp_path / "blank.txt", b"\n  \n\n")))
+    with pytest.raises(ValueError, match=r"header\.tsv: no documents"):
+        list(read_documents(write_bytes(tmp_path / "header.tsv", b"id\ttext\n")))
+
+
+def test_unknown_format_and_on_error(tmp_path):
+    path = write_bytes(tmp_path / "x.csv", b"text\nhello\n")
+    with pytest.raises(ValueError, match=r"x\.csv: unknown corpus format"):
+        read_documents(path)
+    assert [d.text for d in read_documents(path, fmt="txt")] == ["text\nhello"]
+    with pytest.raises(ValueError, match="on_error"):
+        read_documents(path, fmt="txt", on_error="ignore")
+
+
+def test_nfc_normalization(tmp_path):
+    assert unicodedata.normalize("NFC", DECOMPOSED) != DECOMPOSED
+    for name, content in [
+        ("x.txt", DECOMPOSED + "\n"),
+        ("x.tsv", "text\n" + DECOMPOSED + "\n"),
+        ("x.jsonl", json.dumps({"text": DECOMPOSED}) + "\n"),
+    ]:
+        [doc] = read_documents(write_bytes(tmp_path / name, content.encode()))
+        assert doc.text == unicodedata.normalize("NFC", DECOMPOSED)
+        assert "caf\u00e9" in doc.text
+
+
+def test_bom_before_tsv_header(tmp_path):
+    path = write_bytes(tmp_path / "x.tsv", "\ufefftext\nhello\n".encode())
+    assert [d.text for d in read_documents(path)] == ["hello"]
+
+
+def test_stats_accumulate_across_files(tmp_path):
+    stats = SourceStats()
+    for i in range(2):
+        list(read_documents(write_bytes(tmp_path / f"{i}.txt", b"a\n\nbb\n"), stats=stats))
+    assert (stats.documents, stats.characters, stats.lines_read) == (4, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/data/sib200/hin_Deva/train.tsv", ("hin", "Deva")),
+        ("corpora/sat_Olck.txt", ("sat", "Olck")),
+        ("corpora/eng_Latn/hin_Deva.iast.jsonl", ("hin", "Deva")),
+        ("/data/indiccorp/hi.txt", (None, None)),
+        ("/data/HIN_DEVA/x.txt", (None, None)),
+    ],
+)
+def test_language_from_path(path, expected):
+    assert language_from_path(path) == expected

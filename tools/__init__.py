@@ -1,0 +1,1 @@
+"""Command-line tools (binarize, ...) runnable as scripts; a package so tests can import them."""
