@@ -233,3 +233,11 @@ def test_restricted_teacher_head_equals_renormalized_full_distribution():
     full = torch.softmax(hidden @ full_head.T, dim=-1)[:, kept]
     restricted = torch.softmax(hidden @ full_head[kept].T, dim=-1)
     torch.testing.assert_close(restricted, full / full.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_zero_ce_weight_without_teacher_reports_ce_and_gives_zero_grads():
+    case = make_case(seed=15)
+    case.update(teacher_hidden=None, teacher_weight=None)
+    out, (gh, gw), ref, _ = run_both(case, ce_weight=0.0, chunk_size_tokens=30)
+    torch.testing.assert_close(out.ce, ref[1])
+    assert out.loss.item() == 0 and gh.abs().sum() == 0 and gw.abs().sum() == 0

@@ -115,12 +115,11 @@ def chunked_distill_loss(
     _check_labels(labels, ce_mask, vocab)
     if not use_kd:
         kd_mask = torch.zeros_like(ce_mask)
-    elif kd_mask is None:
-        kd_mask = ce_mask
+    kd_mask = ce_mask if kd_mask is None else kd_mask.bool()
 
     spec = _Spec(vocab, temperature, ce_weight, kd_weight, chunk_size_tokens, student_softcap, teacher_softcap)
     safe_labels = torch.where(ce_mask, labels, torch.zeros_like(labels))
-    args = (student_hidden, student_weight, safe_labels, ce_mask, kd_mask.bool(), teacher_hidden, teacher_weight, spec)
+    args = (student_hidden, student_weight, safe_labels, ce_mask, kd_mask, teacher_hidden, teacher_weight, spec)
     wants_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
     if wants_grad:
         loss, ce, kd = _FusedDistillLoss.apply(*args)
@@ -251,7 +250,10 @@ class _Accumulator:
         self.vocab = vocab
 
     def add(self, idx, h32, w32, ce_sum, kd_sum, grad_z) -> None:
-        """Add one chunk's sums and, given ``grad_z`` ``[c, V]`` fp32, its parameter grads."""
+        """Add one chunk's sums and, given ``grad_z`` ``[c, V]`` fp32, its parameter grads.
+
+        ``grad_z is None`` leaves this chunk's gradients at zero.
+        """
         self.ce_sum += ce_sum
         self.kd_sum += kd_sum
         if grad_z is None:
@@ -277,7 +279,8 @@ def _teacher_logits(t_hidden: torch.Tensor, tw32: torch.Tensor, spec: _Spec) -> 
 def _chunk_loss_and_grad(h32, w32, labels, ce_mask, ce_scale, kd_mask, kd_scale, t_hidden, tw32, spec, want_grad):
     """One chunk: return (ce_sum, kd_sum, d loss / d raw student logits ``[c, V]`` fp32 or None).
 
-    ``t_hidden`` is ``None`` when the chunk gets no KD.
+    ``t_hidden`` is ``None`` when the chunk gets no KD. The gradient is ``None`` when not
+    wanted or when no term depends on the student (``ce_weight == 0`` without KD).
     """
     z = _softcap_(h32 @ w32.T, spec.student_softcap)
     kd_sum, grad_z = torch.zeros((), dtype=torch.float32, device=z.device), None
@@ -290,9 +293,6 @@ def _chunk_loss_and_grad(h32, w32, labels, ce_mask, ce_scale, kd_mask, kd_scale,
     ce_sum, ce_grad = _ce_sum_and_grad(z, labels, ce_mask, ce_scale, want_grad and spec.ce_weight != 0)
     if ce_grad is not None:
         grad_z = ce_grad if grad_z is None else grad_z.add_(ce_grad)
-        del ce_grad
-    if want_grad and grad_z is None:
-        grad_z = torch.zeros_like(z)
     if grad_z is not None and spec.student_softcap is not None:
         # d/dx cap*tanh(x/cap) = 1 - tanh^2(x/cap), and tanh(x/cap) = z/cap.
         grad_z.mul_(z.div_(spec.student_softcap).square_().neg_().add_(1))
