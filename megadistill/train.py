@@ -86,7 +86,7 @@ def build_student(cfg: RunConfig, teacher, tokenizer, train_sets, teacher_vocab:
     vocab_map = None
     if cfg.student.trim_vocab:
         kept = kept_ids_from_corpus(train_sets, tokenizer)
-        vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, always_keep=())
+        vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, unk_teacher_id=tokenizer.unk_token_id)
     student = build_student_from_teacher(teacher, layer_map, vocab_map)
     if cfg.student.init == "random":
         torch.manual_seed(cfg.train.seed)

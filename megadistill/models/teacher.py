@@ -164,9 +164,16 @@ def load_tokenizer(spec: str | Path, cache_dir: str | Path | None = None) -> Pre
     so the tokenizer serialization, and hence the tokenizer hash recorded with binarized data,
     is the same whichever spec form named the teacher.
 
+    A directory holding only tokenizer files (``tokenizer.json`` or ``tokenizer_config.json``,
+    no ``config.json``) is also accepted, since binarizing needs no model weights.
+
     Raises:
         FileNotFoundError, ValueError: as ``resolve_teacher``.
     """
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").exists():
+        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(path)
     return AutoTokenizer.from_pretrained(resolve_teacher(spec, cache_dir))
 
 
