@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 
 import torch
 
@@ -36,6 +37,8 @@ from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokeni
 from megadistill.stages.pretrain import DistillStudent, LoopState, TeacherBody, evaluate_loss, train_loop
 
 log = logging.getLogger("megadistill.train")
+# DeepSpeed calls torch.distributed collectives that torch has renamed; the warning repeats every step.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
