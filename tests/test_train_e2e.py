@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import read_sib200_texts
+from conftest import build_tiny_tokenizer, read_sib200_texts
 from tools.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +128,14 @@ def test_bad_input_fails_with_one_line(workspace, tmp_path):
     assert proc.returncode == 2 and "did you mean 'train.max_steps'" in proc.stderr
     proc = subprocess.run(base + [f"teacher.path={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_from_another_tokenizer_is_refused(workspace, tmp_path, sib200_dir):
+    other = build_tiny_tokenizer(read_sib200_texts(sib200_dir, "hin_Deva"), vocab_size=500)
+    binarize([sib200_dir / "hin_Deva" / "dev.tsv"], other, tmp_path / "other", show_progress=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "megadistill/train.py", "--ds_config", "ds_configs/cpu_zero3.json",
+           "--config", "megadistill/recipes/quickstart.yaml", f"run_dir={tmp_path / 'r'}",
+           f"teacher.path={workspace / 'teacher'}", f"data.train_prefixes=[{tmp_path / 'other'}]", "data.valid_prefixes=[]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "re-binarize" in proc.stderr and "Traceback" not in proc.stderr
