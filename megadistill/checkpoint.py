@@ -1,8 +1,8 @@
 """Checkpoints that resume (DeepSpeed ZeRO shards + loop state) and the Hugging Face export.
 
 A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXX/`` written by
-``engine.save_checkpoint``; DeepSpeed updates ``checkpoints/latest`` only after every rank
-has written its shard, so an interrupted save is never resumed from.
+``engine.save_checkpoint``; ``checkpoints/latest`` is replaced (atomically, by rank 0)
+only after every rank has written its shard, so an interrupted save is never resumed from.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> None:
 
     Every rank must call this (collective). ``client_state`` must be picklable.
     """
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:07d}", client_state=client_state)
+    tag = f"step_{step:07d}"
+    # DeepSpeed's own `latest` is written by rank 0 right after its own shard, without waiting
+    # for the other ranks, and not atomically: write it ourselves after a barrier.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    distributed.barrier()
+    if distributed.is_main():
+        tmp = Path(ckpt_dir) / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(ckpt_dir) / "latest")
+    distributed.barrier()
 
 
 def resume(engine, ckpt_dir: str | Path) -> dict | None:
@@ -32,7 +41,9 @@ def resume(engine, ckpt_dir: str | Path) -> dict | None:
     Returns ``None`` when there is no checkpoint (a fresh run). Every rank must call this.
 
     Raises:
-        ValueError: ``latest`` names a checkpoint that DeepSpeed cannot load.
+        ValueError: ``latest`` names a checkpoint directory that does not exist. A checkpoint
+            saved with another world size raises DeepSpeed's own error (convert it with
+            DeepSpeed's ``ds_to_universal`` or resume with the same number of ranks).
     """
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "latest").is_file():
@@ -40,7 +51,7 @@ def resume(engine, ckpt_dir: str | Path) -> dict | None:
     path, client_state = engine.load_checkpoint(str(ckpt_dir))
     if path is None:
         tag = (ckpt_dir / "latest").read_text().strip()
-        raise ValueError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir} to start over")
+        raise ValueError(f"checkpoint {ckpt_dir / tag} could not be loaded: point {ckpt_dir / 'latest'} at an earlier step_* folder, or use a new run_dir")
     return client_state
 
 

@@ -104,7 +104,7 @@ class TrainConfig:
     log_every_steps: int = 1
     """Optimizer steps between metric logs."""
     eval_every_steps: int = 50
-    """Optimizer steps between held-out evaluations (0 disables; always runs at the end)."""
+    """Optimizer steps between held-out evaluations (0 disables; also runs once when the run completes)."""
     eval_max_batches: int = 50
     """Micro-batches per rank per evaluation."""
     save_every_steps: int = 50
@@ -230,6 +230,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
         (cfg.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
         (cfg.train.log_every_steps > 0, "train.log_every_steps must be > 0"),
+        (cfg.train.eval_max_batches > 0, "train.eval_max_batches must be > 0"),
+        (cfg.train.eval_every_steps >= 0 and cfg.train.save_every_steps >= 0, "train.eval_every_steps and train.save_every_steps must be >= 0"),
+        (cfg.train.exit_after_steps is None or cfg.train.exit_after_steps > 0, "train.exit_after_steps must be > 0"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -100,11 +100,16 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (returns a new tensor; identity when not distributed)."""
-    out = values.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """Sum a tensor over ranks (returns a new tensor on the input's device; a copy when not distributed).
+
+    float64 is reduced as is on gloo and NCCL; any shape.
+    """
+    if not dist.is_initialized():
+        return values.detach().clone()
+    # NCCL groups have no CPU backend: reduce on this rank's device, return on the input's device.
+    out = values.detach().to(device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(values.device)
 
 
 def broadcast_object(obj):

@@ -8,7 +8,9 @@ an error rather than a silent override (design rule 4).
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 from pathlib import Path
 
 import deepspeed
@@ -32,7 +34,10 @@ def load_ds_config(path: str | Path) -> dict:
 
 
 def build_ds_config(base: dict, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict:
-    """Return ``base`` with batch shape, precision, AdamW and warmup-cosine LR injected.
+    """Return ``base`` with batch shape, precision, clipping and AdamW injected.
+
+    The LR schedule is not a JSON block: DeepSpeed's ``WarmupCosineLR`` gives lr 0 on the
+    first two steps, so :func:`init_student` passes :func:`warmup_cosine` as a ``LambdaLR``.
 
     ``train_batch_size`` = micro_batch_size x grad_accum_steps x world_size (sequences).
     On machines without CUDA, DeepSpeed's fused Adam cannot build, so ``torch_adam`` selects
@@ -70,18 +75,21 @@ def build_ds_config(base: dict, train: TrainConfig, optim: OptimConfig, world_si
             "torch_adam": not torch.cuda.is_available(),
         },
     }
-    out["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": train.max_steps,
-            "warmup_num_steps": optim.warmup_steps,
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": optim.min_lr_ratio,
-            "warmup_type": "linear",
-        },
-    }
     out.setdefault("steps_per_print", 10**9)
     return out
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine decay.
+
+    Step 0 already trains (multiplier ``1 / warmup_steps``); the multiplier reaches 1.0 at
+    step ``warmup_steps - 1`` and ``min_lr_ratio`` at step ``total_steps`` (Loshchilov &
+    Hutter, 2017, without restarts).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def teacher_ds_config(student_config: dict) -> dict:
@@ -94,8 +102,10 @@ def teacher_ds_config(student_config: dict) -> dict:
     return out
 
 
-def init_student(module: torch.nn.Module, ds_config: dict, external_params=()):
-    """Wrap the trainable module in a DeepSpeed engine (optimizer and LR scheduler from ``ds_config``).
+def init_student(module: torch.nn.Module, ds_config: dict, train: TrainConfig, optim: OptimConfig, external_params=()):
+    """Wrap the trainable module in a DeepSpeed engine (optimizer from ``ds_config``, LR from :func:`warmup_cosine`).
+
+    The engine steps the ``LambdaLR`` once per optimizer step, and saves it in checkpoints.
 
     ``external_params`` are parameters the module's ``forward`` reads directly instead of
     through the submodule that owns them (the output projection read by the chunked loss);
@@ -107,7 +117,15 @@ def init_student(module: torch.nn.Module, ds_config: dict, external_params=()):
     for param in external_params:
         deepspeed.zero.register_external_parameter(module, param)
     trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config)
+    schedule = functools.partial(
+        warmup_cosine, warmup_steps=optim.warmup_steps, total_steps=train.max_steps, min_lr_ratio=optim.min_lr_ratio
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=trainable,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
     return engine
 
 

@@ -71,7 +71,8 @@ def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 4, device
         ValueError: a token id outside the model's vocabulary (tokenizer/model mismatch).
     """
     model.eval()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    # Rows past the tokenizer's ids are padding: never a prediction (padded-vocabulary pitfall).
+    vocab = min(model.get_output_embeddings().weight.shape[0], len(tokenizer))
     nll, tokens = 0.0, 0
     texts = [unicodedata.normalize("NFC", t) for t in texts]
     for begin in range(0, len(texts), batch_size):
@@ -84,7 +85,7 @@ def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 4, device
         for row, ids in enumerate(encoded):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits[..., :vocab].float()
         targets = input_ids[:, 1:].to(device).masked_fill(mask[:, 1:].to(device) == 0, -100)
         nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
         tokens += int((targets != -100).sum())

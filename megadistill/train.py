@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import argparse
 import json
 import logging
+import os
 import time
 import warnings
 
@@ -83,13 +84,28 @@ def check_vocab_sizes(teacher, tokenizer) -> int:
     return real
 
 
+def unk_fallback_id(tokenizer) -> int:
+    """Teacher id that out-of-vocabulary inputs become: unk, else pad, else EOS (Qwen/Llama-3 have no unk).
+
+    Raises:
+        ValueError: the tokenizer has none of the three.
+    """
+    for name in ("unk_token_id", "pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            if name != "unk_token_id":
+                log.info("tokenizer has no unk token: dropped ids map to %s %d", name, value)
+            return value
+    raise ValueError("the teacher tokenizer has no unk, pad or eos token to map dropped ids to")
+
+
 def build_student(cfg: RunConfig, teacher, tokenizer, train_sets, teacher_vocab: int):
     """Student model, its tokenizer, the VocabMap (or None) and the teacher head rows KD uses."""
     layer_map = parse_layer_map(cfg.student.layer_map, teacher.config.num_hidden_layers)
     vocab_map = None
     if cfg.student.trim_vocab:
         kept = kept_ids_from_corpus(train_sets, tokenizer)
-        vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, unk_teacher_id=tokenizer.unk_token_id)
+        vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, unk_teacher_id=unk_fallback_id(tokenizer))
     student = build_student_from_teacher(teacher, layer_map, vocab_map)
     if cfg.student.init == "random":
         torch.manual_seed(cfg.train.seed)
@@ -138,7 +154,7 @@ def main(argv=None) -> int:
     ds_config = engine.build_ds_config(engine.load_ds_config(args.ds_config), cfg.train, cfg.optim, distributed.world_size())
     module = DistillStudent(student, teacher_head, cfg.loss, vocab_size=len(student_tokenizer),
                             student_softcap=output_softcap(student.config), teacher_softcap=output_softcap(teacher.config))
-    student_engine = engine.init_student(module, ds_config, external_params=[student.get_output_embeddings().weight])
+    student_engine = engine.init_student(module, ds_config, cfg.train, cfg.optim, external_params=[student.get_output_embeddings().weight])
     teacher_engine = engine.init_teacher(TeacherBody(teacher), ds_config) if cfg.loss.kd_weight > 0 else None
 
     ckpt_dir = run_dir / "checkpoints"
@@ -170,7 +186,9 @@ def main(argv=None) -> int:
     if distributed.is_main():
         summary = {"world_size": distributed.world_size(), "steps": state.step, "consumed_samples": state.consumed_samples,
                    "parameters": params, "valid": final_eval, "wall_time_s": time.time() - wall_start, **totals}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, run_dir / "summary.json")
         log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
     distributed.barrier()
     return 0

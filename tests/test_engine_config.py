@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megadistill.config import OptimConfig, TrainConfig
-from megadistill.engine import build_ds_config, load_ds_config, teacher_ds_config
+from megadistill.engine import build_ds_config, load_ds_config, teacher_ds_config, warmup_cosine
 
 
 def test_injects_batch_precision_optimizer():
@@ -15,7 +15,7 @@ def test_injects_batch_precision_optimizer():
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["bf16"] == {"enabled": True}
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["optimizer"]["params"]["lr"] == 1e-3
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 50
+    assert "scheduler" not in cfg  # the LR schedule is a LambdaLR (warmup_cosine), not a JSON block
     teacher = teacher_ds_config(cfg)
     assert "optimizer" not in teacher and "scheduler" not in teacher
     assert teacher["zero_optimization"]["stage"] == 3
@@ -41,3 +41,11 @@ def test_shipped_configs_are_valid(tmp_path):
         load_ds_config(bad)
     with pytest.raises(FileNotFoundError, match="ds_configs"):
         load_ds_config(tmp_path / "missing.json")
+
+
+def test_warmup_cosine_trains_from_the_first_step():
+    lrs = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[20] == pytest.approx(0.1)
+    assert warmup_cosine(0, warmup_steps=0, total_steps=10, min_lr_ratio=0.0) == 1.0

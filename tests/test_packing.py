@@ -31,10 +31,13 @@ def test_shuffled_epoch_is_a_permutation_of_documents_and_deterministic():
     first = [a[i] for i in range(len(a))]
     for i in range(len(a)):
         np.testing.assert_array_equal(first[i], b[i])
-    # Targets of one epoch are every token of the stream but the first, once.
-    targets = np.concatenate([w[1:] for w in first])
-    total = sum(len(d) for d in corpus)
-    assert len(targets) == len(a) * 8 <= total - 1
+    # Same windows as the unshuffled tiling of that epoch's document order, visited in another order.
+    order, starts, windows = a._epoch_layout(0)
+    stream = np.concatenate([corpus[k] for k in order])
+    tiles = [stream[i * 8 : i * 8 + 9] for i in range(len(a))]
+    for i in range(len(a)):
+        np.testing.assert_array_equal(first[i], tiles[windows[i]])
+    assert sorted(windows.tolist()) == list(range(len(a))) and windows.tolist() != list(range(len(a)))
     # A later epoch uses another document order.
     second = np.concatenate([a[len(a) + i] for i in range(len(a))])
     assert not np.array_equal(np.concatenate(first), second)

@@ -80,6 +80,9 @@ def test_run_completes_checkpoints_and_exports(fresh_run):
     losses = train_losses(fresh_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert all(v == v and v > 0 for v in losses.values())
+    records = [json.loads(line) for line in (fresh_run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["split"] == "train"]
+    assert lrs[0] > 0 and lrs[1] == pytest.approx(2 * lrs[0]), "warmup must train from the first step"
     ckpts = fresh_run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0000006"
     assert (ckpts / "step_0000003").is_dir()

@@ -2,7 +2,9 @@
 
 Documents are concatenated (each already ends with EOS) in a per-epoch shuffled order and
 cut into windows of ``seq_len_tokens + 1`` tokens that overlap by one token, so every
-token is a next-token target exactly once per epoch (Megatron-LM GPT dataset layout).
+token is a next-token target exactly once per epoch; the windows of an epoch are then
+visited in a shuffled order, so a global batch mixes documents (Megatron-LM's GPT dataset:
+document index, sample index, shuffle index).
 Attention may cross the EOS between documents in this version; per-document masks and
 position resets arrive with the packing issue.
 """
@@ -39,7 +41,7 @@ class PackedDataset:
         self.seed = seed
         self.shuffle = shuffle
         self._docs = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
-        self._lengths = np.array([len(self.datasets[d][i]) for d, i in self._docs], dtype=np.int64)
+        self._lengths = np.concatenate([_doc_lengths(ds) for ds in self.datasets]).astype(np.int64)
         total = int(self._lengths.sum())
         if total < seq_len_tokens + 1:
             raise ValueError(
@@ -47,27 +49,31 @@ class PackedDataset:
                 "use more data or a smaller data.seq_len_tokens"
             )
         self.samples_per_epoch = (total - 1) // seq_len_tokens
-        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Document order of an epoch and the stream offset where each document starts (tokens)."""
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Document order of an epoch, the stream offset where each document starts (tokens), and the window order."""
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             order = np.arange(len(self._docs))
+            windows = np.arange(self.samples_per_epoch)
             if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self._docs))
+                rng = np.random.default_rng([self.seed, epoch])
+                order = rng.permutation(len(self._docs))
+                windows = rng.permutation(self.samples_per_epoch)
             starts = np.concatenate([[0], np.cumsum(self._lengths[order])[:-1]])
-            self._epoch_cache = (epoch, order, starts)
-        return self._epoch_cache[1], self._epoch_cache[2]
+            self._epoch_cache = (epoch, order, starts, windows)
+        return self._epoch_cache[1:]
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Tokens of sample ``index``: int64 array of shape [seq_len_tokens + 1] (teacher ids)."""
         if index < 0 or (not self.shuffle and index >= self.samples_per_epoch):
             raise IndexError(f"sample {index} out of range (samples per epoch: {self.samples_per_epoch})")
         epoch, local = divmod(index, self.samples_per_epoch)
-        order, starts = self._epoch_layout(epoch)
+        order, starts, windows = self._epoch_layout(epoch)
+        local = int(windows[local])
         begin, end = local * self.seq_len_tokens, local * self.seq_len_tokens + self.seq_len_tokens + 1
         pieces, pos = [], begin
         k = int(np.searchsorted(starts, begin, side="right")) - 1
@@ -80,6 +86,14 @@ class PackedDataset:
             pos += len(take)
             k += 1
         return np.concatenate(pieces)
+
+
+def _doc_lengths(dataset) -> np.ndarray:
+    """Tokens per document: the index's ``sizes`` array when there is one (no document reads)."""
+    sizes = getattr(dataset, "sizes", None)
+    if sizes is not None:
+        return np.asarray(sizes)
+    return np.array([len(dataset[i]) for i in range(len(dataset))], dtype=np.int64)
 
 
 def micro_batch_indices(consumed_samples: int, rank: int, world_size: int, micro_batch_size: int) -> list[int]:

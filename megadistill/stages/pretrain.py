@@ -173,6 +173,7 @@ def train_loop(
     stop_at = train.max_steps if train.exit_after_steps is None else min(train.max_steps, state.step + train.exit_after_steps)
     while state.step < stop_at:
         t0, totals = time.time(), _Totals()
+        lr = student_engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
         for _ in range(train.grad_accum_steps):
             idx = micro_batch_indices(state.consumed_samples, rank, world, train.micro_batch_size)
             state.consumed_samples += world * train.micro_batch_size
@@ -184,7 +185,7 @@ def train_loop(
         steps_run += 1
         metrics = totals.reduce()
         metrics["loss"] = metrics_loss(metrics, student_engine.module.loss_cfg)
-        metrics["lr"] = student_engine.get_lr()[0]
+        metrics["lr"] = lr
         metrics["grad_norm"] = float(student_engine.get_global_grad_norm() or 0.0)
         metrics["tokens_per_s"] = tokens_per_step / max(time.time() - t0, 1e-9)
         if state.step % train.log_every_steps == 0:
