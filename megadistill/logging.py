@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,11 +33,14 @@ class MetricsLogger:
     Args:
         run_dir: the run directory; files go to ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard``.
         enabled: False on ranks other than 0 (every method becomes a no-op).
+        resume_step: optimizer step the run resumes from; records of later steps (logged
+            after that checkpoint by a process that then died) are dropped so that every step
+            appears once.
 
     Each record is ``{"step": int, "time_s": float (since start), "split": str, <metric>: float...}``.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.start = time.time()
         self._file = None
@@ -46,6 +50,7 @@ class MetricsLogger:
 
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_after(run_dir / "metrics.jsonl", resume_step)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
@@ -65,6 +70,18 @@ class MetricsLogger:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only records of steps <= ``step`` in a metrics file (rewritten atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def progress_bar(total_steps: int, initial_step: int, enabled: bool):

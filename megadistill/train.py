@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     def save(s: LoopState) -> None:
         checkpoint.save(student_engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()})
 
-    metrics_logger = MetricsLogger(run_dir, distributed.is_main())
+    metrics_logger = MetricsLogger(run_dir, distributed.is_main(), resume_step=state.step)
     totals = train_loop(student_engine, teacher_engine, train_data, valid_data, vocab_map, cfg.train, state,
                         metrics_logger, save, cfg.data.seq_len_tokens)
     if totals["steps_run"] > 0:
