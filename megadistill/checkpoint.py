@@ -16,6 +16,7 @@ import deepspeed
 import torch
 
 from megadistill import distributed
+from megadistill.files import atomic_write_text
 
 
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> None:
@@ -29,9 +30,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     distributed.barrier()
     if distributed.is_main():
-        tmp = Path(ckpt_dir) / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, Path(ckpt_dir) / "latest")
+        atomic_write_text(Path(ckpt_dir) / "latest", tag)
     distributed.barrier()
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from megadistill.files import atomic_write_text
 
 
 def setup_console(is_main: bool, level: int = std_logging.INFO) -> None:
@@ -79,9 +80,7 @@ def _truncate_after(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def progress_bar(total_steps: int, initial_step: int, enabled: bool):

@@ -21,7 +21,6 @@ if __package__ in (None, ""):
 import argparse
 import json
 import logging
-import os
 import time
 import warnings
 
@@ -31,6 +30,7 @@ from megadistill import checkpoint, distributed, engine
 from megadistill.config import RunConfig, load_config, save_config, to_dict
 from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches
 from megadistill.data.packing import PackedDataset
+from megadistill.files import atomic_write_text
 from megadistill.logging import MetricsLogger, setup_console
 from megadistill.models.student import build_student_from_teacher, parse_layer_map
 from megadistill.models.teacher import count_parameters, load_teacher, output_softcap, resolve_teacher
@@ -186,9 +186,7 @@ def main(argv=None) -> int:
     if distributed.is_main():
         summary = {"world_size": distributed.world_size(), "steps": state.step, "consumed_samples": state.consumed_samples,
                    "parameters": params, "valid": final_eval, "wall_time_s": time.time() - wall_start, **totals}
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        os.replace(tmp, run_dir / "summary.json")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
     distributed.barrier()
     return 0

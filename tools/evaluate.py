@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -83,10 +82,9 @@ def main(argv=None) -> int:
     table = format_table(results, summary)
     print(table)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"results": results, "summary": summary, "table": table}, indent=2), encoding="utf-8")
-        os.replace(tmp, out)
+        from megadistill.files import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps({"results": results, "summary": summary, "table": table}, indent=2))
     return 0
 
 

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megadistill.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -393,15 +395,8 @@ def write_provenance(prefix: str | Path, meta: dict[str, Any]) -> Path:
     Raises:
         TypeError: ``meta`` is not JSON serializable (nothing is left behind).
     """
-    path = _provenance_path(prefix)
-    tmp = Path(f"{path}.tmp")
-    try:
-        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(_provenance_path(prefix), text)
 
 
 def read_provenance(prefix: str | Path) -> dict[str, Any]:

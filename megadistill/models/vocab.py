@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +21,8 @@ from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from megadistill.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class VocabMap:
 
     def save(self, path: str | Path) -> None:
         """Write ``to_dict()`` as JSON, atomically (a temporary file renamed into place)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict()))
+        atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> VocabMap:
@@ -217,17 +217,6 @@ def _check_range(ids: torch.Tensor, size: int, kind: str) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
         raise ValueError(f"{kind} ids must lie in [0, {size}), got {int(ids.min())}..{int(ids.max())}")
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def kept_ids_from_corpus(
