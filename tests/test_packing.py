@@ -76,3 +76,21 @@ def test_collate_shifts_and_masks_dropped_labels():
     assert plain["labels"].tolist()[0] == [4, 6, 7, 8]
     with pytest.raises(ValueError, match="one length"):
         collate_clm([np.arange(3), np.arange(4)])
+
+
+def test_fixed_layout_keeps_windows_across_epochs_and_names_them():
+    corpus = docs(30)
+    packed = PackedDataset([corpus], seq_len_tokens=8, seed=5, fixed_layout=True)
+    n = len(packed)
+    tiles = {w: packed.window(w).tolist() for w in range(n)}
+    for epoch in range(3):
+        ids = [packed.window_id(epoch * n + i) for i in range(n)]
+        assert sorted(ids) == list(range(n))  # every window once per epoch
+        for i, w in enumerate(ids):
+            assert packed[epoch * n + i].tolist() == tiles[w]
+    assert [packed.window_id(i) for i in range(n)] != [packed.window_id(n + i) for i in range(n)]  # visit order reshuffled
+    # Without fixed_layout the document order (so the set of windows) changes per epoch.
+    moving = PackedDataset([corpus], seq_len_tokens=8, seed=5)
+    assert {tuple(moving[i]) for i in range(n)} != {tuple(moving[n + i]) for i in range(n)}
+    with pytest.raises(IndexError):
+        packed.window(n)

@@ -25,6 +25,11 @@ class PackedDataset:
         seq_len_tokens: model sequence length L; each sample holds L + 1 tokens.
         seed: seeds the per-epoch document shuffle.
         shuffle: shuffle documents each epoch (off for evaluation: file order, one epoch).
+        fixed_layout: keep epoch 0's document order (and so the same set of windows) in
+            every epoch, shuffling only the order windows are visited in. Needed when
+            per-window data is precomputed, e.g. an offline teacher-logit cache
+            (:mod:`megadistill.teacher_cache`): window ``w`` then has the same tokens in
+            every epoch and :meth:`window_id` names it.
 
     Sample ``i`` is deterministic for (datasets, L, seed): the same index returns the same
     tokens in every process and after a restart. ``len()`` is the samples in one epoch;
@@ -35,11 +40,13 @@ class PackedDataset:
         ValueError: the datasets hold fewer than L + 1 tokens in total.
     """
 
-    def __init__(self, datasets: Sequence, seq_len_tokens: int, seed: int = 1234, shuffle: bool = True):
+    def __init__(self, datasets: Sequence, seq_len_tokens: int, seed: int = 1234, shuffle: bool = True,
+                 fixed_layout: bool = False):
         self.datasets = list(datasets)
         self.seq_len_tokens = seq_len_tokens
         self.seed = seed
         self.shuffle = shuffle
+        self.fixed_layout = fixed_layout
         self._docs = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
         self._lengths = np.concatenate([_doc_lengths(ds) for ds in self.datasets]).astype(np.int64)
         total = int(self._lengths.sum())
@@ -63,17 +70,42 @@ class PackedDataset:
                 rng = np.random.default_rng([self.seed, epoch])
                 order = rng.permutation(len(self._docs))
                 windows = rng.permutation(self.samples_per_epoch)
+                if self.fixed_layout:
+                    order = np.random.default_rng([self.seed, 0]).permutation(len(self._docs))
             starts = np.concatenate([[0], np.cumsum(self._lengths[order])[:-1]])
             self._epoch_cache = (epoch, order, starts, windows)
         return self._epoch_cache[1:]
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        """Tokens of sample ``index``: int64 array of shape [seq_len_tokens + 1] (teacher ids)."""
+    def window_id(self, index: int) -> int:
+        """Position of sample ``index``'s window in its epoch's tiling (``[0, len(self))``).
+
+        With ``fixed_layout`` (or ``shuffle=False``) the tiling is the same in every epoch, so
+        the id names the same tokens whatever the epoch: ``self[i]`` equals ``self.window(self.window_id(i))``.
+        """
         if index < 0 or (not self.shuffle and index >= self.samples_per_epoch):
             raise IndexError(f"sample {index} out of range (samples per epoch: {self.samples_per_epoch})")
         epoch, local = divmod(index, self.samples_per_epoch)
-        order, starts, windows = self._epoch_layout(epoch)
-        local = int(windows[local])
+        return int(self._epoch_layout(epoch)[2][local])
+
+    def window(self, window_id: int, epoch: int = 0) -> np.ndarray:
+        """Tokens of window ``window_id`` of ``epoch``'s tiling: int64 [seq_len_tokens + 1] (teacher ids).
+
+        Raises:
+            IndexError: ``window_id`` outside ``[0, len(self))``.
+        """
+        if not 0 <= window_id < self.samples_per_epoch:
+            raise IndexError(f"window {window_id} out of range (windows per epoch: {self.samples_per_epoch})")
+        order, starts, _ = self._epoch_layout(epoch)
+        return self._read_window(order, starts, window_id)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Tokens of sample ``index``: int64 array of shape [seq_len_tokens + 1] (teacher ids)."""
+        local = self.window_id(index)
+        order, starts, _ = self._epoch_layout(index // self.samples_per_epoch)
+        return self._read_window(order, starts, local)
+
+    def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> np.ndarray:
+        """Cut window ``local`` out of the document stream given by ``order`` / ``starts``."""
         begin, end = local * self.seq_len_tokens, local * self.seq_len_tokens + self.seq_len_tokens + 1
         pieces, pos = [], begin
         k = int(np.searchsorted(starts, begin, side="right")) - 1
