@@ -4,7 +4,7 @@ Each (method, tokens) cell runs forward + backward of the student side (teacher 
 no_grad) in a fresh subprocess, which reports its own peak RSS (``resource.getrusage``
 ``ru_maxrss``) and wall time; the parent prints one table.
 
-    python bench/kd_loss_memory.py                      # V = 262,144, hidden 640, fp32
+    python bench/kd_loss_memory.py                      # V = 262,144, hidden 640, fp32 (~20 min on 2 cores)
     python bench/kd_loss_memory.py --vocab 32000 --tokens 1024 4096 --chunked-tokens 16384
     python bench/kd_loss_memory.py --skip-naive-above 1024   # when 2048 naive tokens will not fit
 """
@@ -107,9 +107,10 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=262_144, help="student = restricted teacher vocabulary, ids")
     p.add_argument("--hidden", type=int, default=640, help="student hidden width")
     p.add_argument("--teacher-hidden", type=int, default=640, help="teacher hidden width")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048], help="token counts for both methods")
-    p.add_argument("--chunked-tokens", type=int, nargs="*", default=[8192], help="extra token counts, chunked only")
-    p.add_argument("--chunk-size-tokens", type=int, default=256, help="tokens per chunk of the chunked loss")
+    p.add_argument("--tokens", type=int, nargs="*", default=[1024, 2048], help="token counts for both methods")
+    p.add_argument("--chunked-tokens", type=int, nargs="*", default=[8192, 32768], help="extra token counts, chunked only")
+    p.add_argument("--chunk-size-tokens", type=int, default=64,
+                   help="tokens per chunk of the chunked loss (64 x 262,144 x 4 B = 64 MiB per [chunk, V] buffer)")
     p.add_argument("--skip-naive-above", type=int, default=None, help="skip naive runs with more tokens than this")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
