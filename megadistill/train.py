@@ -35,7 +35,11 @@ from megadistill.logging import MetricsLogger, setup_console
 from megadistill.models.student import build_student_from_teacher, parse_layer_map
 from megadistill.models.teacher import count_parameters, load_teacher, output_softcap, resolve_teacher
 from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokenizer
-from megadistill.stages.pretrain import DistillStudent, LoopState, TeacherBody, evaluate_loss, train_loop
+from megadistill.losses.features import FeatureDistiller, feature_layer_pairs, use_eager_attention
+from megadistill.losses.schedule import loss_weights_at
+from megadistill.stages.pretrain import (DistillStudent, LoopData, LoopState, TeacherBody, TeacherSource, evaluate_loss,
+                                         train_loop)
+from megadistill.teacher_cache import TeacherCache
 
 log = logging.getLogger("megadistill.train")
 # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning repeats every step.
@@ -116,6 +120,53 @@ def build_student(cfg: RunConfig, teacher, tokenizer, train_sets, teacher_vocab:
     return student, student_tokenizer, vocab_map, teacher_head, layer_map
 
 
+def build_features(cfg: RunConfig, student, teacher, layer_map: list[int]):
+    """The feature-matching module (projections + weights), or None when every feature weight is 0.
+
+    ``features.layer_map: student`` pairs the embeddings and each student layer with the
+    teacher layer it was copied from. Attention maps need eager attention in both models.
+    """
+    f = cfg.features
+    if max(f.hidden_weight, f.attention_weight, f.relation_weight) <= 0:
+        return None
+    s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
+    if f.layer_map == "student":
+        pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    else:
+        pairs = feature_layer_pairs(f.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    if f.attention_weight > 0:
+        use_eager_attention(student)
+        use_eager_attention(teacher)
+    return FeatureDistiller(
+        pairs, s_cfg.hidden_size, t_cfg.hidden_size, hidden_weight=f.hidden_weight, hidden_kind=f.hidden_loss,
+        attention_weight=f.attention_weight, relation_weight=f.relation_weight, relations=tuple(f.relations),
+        num_relation_heads=f.relation_heads or s_cfg.num_attention_heads, causal=True, project=f.project,
+    )
+
+
+def teacher_needed_online(cfg: RunConfig, features) -> bool:
+    """True when some step needs the live teacher (KD weight > 0 at any point, or feature matching)."""
+    kd_ever = cfg.loss.kd_weight > 0 or (cfg.loss.kd_weight_end or 0) > 0
+    return cfg.teacher.mode == "online" and (kd_ever or features is not None)
+
+
+def open_cache(cfg: RunConfig, train_data, tokenizer):
+    """The offline teacher cache checked against the training windows, or None in online mode.
+
+    Raises:
+        ValueError / FileNotFoundError: the cache is missing or was built from other data,
+            sequence length, seed or tokenizer.
+    """
+    if cfg.teacher.mode != "offline":
+        return None
+    cache = TeacherCache(cfg.teacher.logit_cache)
+    cache.check_compatible(train_data, tokenizer)
+    if cache.kind == "topk" and cfg.loss.divergence in ("mse", "cosine"):
+        raise ValueError(f"loss.divergence {cfg.loss.divergence} needs full teacher logits: build the cache with --kind hidden")
+    log.info("teacher signal: offline %s cache %s (%.1f bytes/token)", cache.kind, cfg.teacher.logit_cache, cache.bytes_per_token)
+    return cache
+
+
 def export_files(cfg: RunConfig, vocab_map, layer_map, stage: str) -> dict:
     """Self-describing sidecar files for an HF export (what it was distilled from and how)."""
     files = {"megadistill.json": {"stage": stage, "teacher": cfg.teacher.path, "layer_map": layer_map,
@@ -141,7 +192,9 @@ def main(argv=None) -> int:
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
     train_sets = open_datasets(cfg.data.train_prefixes, tokenizer)
     valid_sets = open_datasets(cfg.data.valid_prefixes, tokenizer)
-    train_data = PackedDataset(train_sets, cfg.data.seq_len_tokens, seed=cfg.train.seed)
+    offline = cfg.teacher.mode == "offline"
+    train_data = PackedDataset(train_sets, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=offline)
+    cache = open_cache(cfg, train_data, tokenizer)
     valid_data = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False) if valid_sets else None
 
     student, student_tokenizer, vocab_map, teacher_head, layer_map = build_student(cfg, teacher, tokenizer, train_sets, teacher_vocab)
@@ -152,10 +205,19 @@ def main(argv=None) -> int:
         checkpoint.export_hf(student, student_tokenizer, run_dir / "hf_init", export_files(cfg, vocab_map, layer_map, "init"))
 
     ds_config = engine.build_ds_config(engine.load_ds_config(args.ds_config), cfg.train, cfg.optim, distributed.world_size())
+    features = build_features(cfg, student, teacher, layer_map)
+    if cache is not None and cache.kind == "topk":
+        teacher_head = None  # sparse targets carry the teacher distribution
     module = DistillStudent(student, teacher_head, cfg.loss, vocab_size=len(student_tokenizer),
-                            student_softcap=output_softcap(student.config), teacher_softcap=output_softcap(teacher.config))
+                            student_softcap=output_softcap(student.config), teacher_softcap=output_softcap(teacher.config),
+                            features=features)
     student_engine = engine.init_student(module, ds_config, cfg.train, cfg.optim, external_params=[student.get_output_embeddings().weight])
-    teacher_engine = engine.init_teacher(TeacherBody(teacher), ds_config) if cfg.loss.kd_weight > 0 else None
+    teacher_engine = engine.init_teacher(TeacherBody(teacher, features), ds_config) if teacher_needed_online(cfg, features) else None
+    if teacher_engine is None:
+        del teacher  # offline or CE-only: the teacher's weights are not needed past this point
+    online = TeacherSource(engine=teacher_engine)
+    data = LoopData(train=train_data, valid=valid_data, teacher=TeacherSource(cache=cache, vocab_map=vocab_map) if offline else online,
+                    valid_teacher=online, vocab_map=vocab_map, seq_len_tokens=cfg.data.seq_len_tokens)
 
     ckpt_dir = run_dir / "checkpoints"
     client = checkpoint.resume(student_engine, ckpt_dir)
@@ -167,8 +229,7 @@ def main(argv=None) -> int:
         checkpoint.save(student_engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()})
 
     metrics_logger = MetricsLogger(run_dir, distributed.is_main(), resume_step=state.step)
-    totals = train_loop(student_engine, teacher_engine, train_data, valid_data, vocab_map, cfg.train, state,
-                        metrics_logger, save, cfg.data.seq_len_tokens)
+    totals = train_loop(student_engine, data, cfg.train, cfg.loss, state, metrics_logger, save)
     if totals["steps_run"] > 0:
         save(state)
     if state.step < cfg.train.max_steps:
@@ -178,8 +239,8 @@ def main(argv=None) -> int:
         return 0
     final_eval = {}
     if valid_data is not None:
-        final_eval = evaluate_loss(student_engine, teacher_engine, valid_data, vocab_map, cfg.train.micro_batch_size,
-                                   cfg.train.eval_max_batches)
+        final_eval = evaluate_loss(student_engine, data.valid_teacher, valid_data, vocab_map, cfg.train.micro_batch_size,
+                                   cfg.train.eval_max_batches, loss_weights_at(cfg.loss, state.step, cfg.train.max_steps))
         metrics_logger.log(state.step, "valid", final_eval)
     checkpoint.export_hf(student, student_tokenizer, run_dir / "hf", export_files(cfg, vocab_map, layer_map, "distilled"))
     metrics_logger.close()
