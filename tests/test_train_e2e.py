@@ -142,3 +142,52 @@ def test_data_from_another_tokenizer_is_refused(workspace, tmp_path, sib200_dir)
            f"teacher.path={workspace / 'teacher'}", f"data.train_prefixes=[{tmp_path / 'other'}]", "data.valid_prefixes=[]"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "re-binarize" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def metric_records(run_dir: Path, split: str) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["split"] == split]
+
+
+def test_offline_cache_run_with_reverse_kl_and_schedule(workspace):
+    """Cache top-8 once, then train 2 ranks from it without the teacher; a cache from other windows is refused."""
+    cache = workspace / "cache_top8"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "tools/cache_teacher_logits.py", "--teacher", str(workspace / "teacher"), "--data",
+         str(workspace / "data" / "hin.train"), "--output", str(cache), "--seq-len", "32", "--seed", "1234", "--k", "8",
+         "--windows-per-shard", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = workspace / "run_offline"
+    run_train(workspace, run_dir, "teacher.mode=offline", f"teacher.logit_cache={cache}", "loss.divergence=reverse_kl",
+              "loss.schedule=linear", "loss.kd_weight_end=1.0", "train.max_steps=4", "train.save_every_steps=0")
+    train = metric_records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["kd"] > 0 for r in train)
+    weights = [r["kd_weight"] for r in train]
+    assert weights == sorted(weights) and weights[0] == 0.5 and weights[-1] > weights[0]
+    assert all(r["kd"] == 0 for r in metric_records(run_dir, "valid"))  # the cache covers training windows only
+    assert (run_dir / "hf" / "config.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, "megadistill/train.py", "--ds_config", "ds_configs/cpu_zero3.json", "--config",
+         "megadistill/recipes/quickstart.yaml", f"run_dir={workspace / 'run_bad_cache'}", f"teacher.path={workspace / 'teacher'}",
+         f"data.train_prefixes=[{workspace / 'data' / 'hin.train'}]", "data.valid_prefixes=[]", "data.seq_len_tokens=32",
+         "teacher.mode=offline", f"teacher.logit_cache={cache}", "train.seed=99"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "seed is 1234 in the cache but 99" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_feature_matching_and_online_topk_run(workspace):
+    """Hidden + attention + relation matching with tv on online top-8 targets, 2 ranks under ZeRO-3."""
+    run_dir = workspace / "run_features"
+    run_train(workspace, run_dir, "features.hidden_weight=1.0", "features.attention_weight=0.5",
+              "features.relation_weight=0.5", "features.relation_heads=2", "loss.divergence=tv", "loss.top_k=8",
+              "train.max_steps=3", "train.save_every_steps=0", "train.eval_every_steps=0")
+    train = metric_records(run_dir, "train")
+    assert len(train) == 3
+    for r in train:
+        assert r["feat_hidden"] > 0 and r["feat_attention"] > 0 and r["feat_relation"] > 0 and r["kd"] > 0
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"] + r["feat_hidden"] + r["feat_attention"]
+                                          + r["feat_relation"], rel=1e-6)
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert not any("projector" in k for k in exported.state_dict())

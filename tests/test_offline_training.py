@@ -1,0 +1,59 @@
+"""A training step from the offline top-k cache equals the online step with the same top-k (plain PyTorch)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from megadistill.config import LossConfig
+from megadistill.data.collate import collate_clm
+from megadistill.losses.schedule import LossWeights
+from megadistill.models.student import build_student_from_teacher
+from megadistill.models.teacher import final_hidden_states, load_teacher
+from megadistill.stages.pretrain import DistillStudent, TeacherSource
+from megadistill.teacher_cache import TeacherCache
+from test_teacher_cache import packed_windows, run_tool, single_process, workspace  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_step_from_cache_equals_online_topk_step(workspace, tmp_path, single_process, divergence):  # noqa: F811
+    out = tmp_path / "cache"
+    run_tool(workspace, out, "--k", "8", "--top-p", "0.95")
+    cache = TeacherCache(out)
+    teacher, tok = load_teacher(workspace / "teacher")
+    packed = packed_windows(workspace)
+    vocab = len(tok)
+    head = teacher.get_output_embeddings().weight.detach()[:vocab].clone()
+    loss_cfg = LossConfig(ce_weight=0.3, kd_weight=0.7, divergence=divergence, top_k=8, top_p=0.95, chunk_size_tokens=10)
+    torch.manual_seed(0)
+    student = build_student_from_teacher(teacher, [0], None)
+    online_module = DistillStudent(copy.deepcopy(student), head, loss_cfg, vocab)
+    offline_module = DistillStudent(copy.deepcopy(student), None, loss_cfg, vocab)
+    indices = [5, 2 * len(packed) + 3]  # second one is from epoch 2: same window ids, visited in another order
+    windows = [packed[i] for i in indices]
+    batch = collate_clm(windows)
+    weights = LossWeights(0.3, 0.7, 1.0)
+    with torch.no_grad():
+        teacher_hidden = final_hidden_states(teacher, batch["teacher_input_ids"])
+    online = online_module(batch["input_ids"], batch["labels"], teacher_hidden=teacher_hidden, weights=weights)
+    signal = TeacherSource(cache=cache).signal(batch, packed, indices, windows, torch.device("cpu"))
+    assert set(signal) == {"sparse_targets"}
+    offline = offline_module(batch["input_ids"], batch["labels"], weights=weights, **signal)
+    # Only the cache's log-prob quantization (2^-? nats) and fp16 tail separate the two.
+    assert float(offline["kd"]) == pytest.approx(float(online["kd"]), rel=2e-3, abs=1e-4)
+    assert float(offline["ce"]) == pytest.approx(float(online["ce"]), rel=1e-6)
+    for module, result in ((online_module, online), (offline_module, offline)):
+        opt = torch.optim.SGD(module.parameters(), lr=0.5)
+        result["loss"].backward()
+        opt.step()
+    for a, b in zip(online_module.student.parameters(), offline_module.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    moved = any(not torch.equal(a, b) for a, b in zip(student.parameters(), online_module.student.parameters()))
+    assert moved
+    # Reading the wrong windows is caught by the per-window hash.
+    with pytest.raises(ValueError, match="holds other tokens"):
+        TeacherSource(cache=cache).signal(batch, packed, [6, 7], windows, torch.device("cpu"))
+    assert np.array_equal(windows[0], packed.window(packed.window_id(indices[0])))
