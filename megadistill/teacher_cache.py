@@ -181,6 +181,7 @@ def shard_path(root: Path, shard: int, name: str) -> Path:
 
 def write_shard(root: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
     """Write a shard's arrays to temporary names, rename them, then write the completion marker."""
+    Path(root).mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         final = shard_path(root, shard, name)
         tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
