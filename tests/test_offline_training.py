@@ -57,3 +57,24 @@ def test_step_from_cache_equals_online_topk_step(workspace, tmp_path, single_pro
     with pytest.raises(ValueError, match="holds other tokens"):
         TeacherSource(cache=cache).signal(batch, packed, [6, 7], windows, torch.device("cpu"))
     assert np.array_equal(windows[0], packed.window(packed.window_id(indices[0])))
+
+
+def test_step_from_hidden_cache_equals_online_dense_step(workspace, tmp_path, single_process):  # noqa: F811
+    out = tmp_path / "hidden"
+    run_tool(workspace, out, "--kind", "hidden")
+    cache = TeacherCache(out)
+    teacher, tok = load_teacher(workspace / "teacher")
+    packed = packed_windows(workspace)
+    head = teacher.get_output_embeddings().weight.detach()[: len(tok)].clone()
+    loss_cfg = LossConfig(ce_weight=0.5, kd_weight=0.5, divergence="mse", chunk_size_tokens=7)
+    module = DistillStudent(build_student_from_teacher(teacher, [1], None), head, loss_cfg, len(tok))
+    indices = [0, 1, 2]
+    windows = [packed[i] for i in indices]
+    batch = collate_clm(windows)
+    with torch.no_grad():
+        online = module(batch["input_ids"], batch["labels"], teacher_hidden=final_hidden_states(teacher, batch["teacher_input_ids"]))
+        signal = TeacherSource(cache=cache).signal(batch, packed, indices, windows, torch.device("cpu"))
+        assert set(signal) == {"teacher_hidden"} and signal["teacher_hidden"].dtype == torch.float32
+        offline = module(batch["input_ids"], batch["labels"], **signal)
+    assert float(online["kd"]) > 0
+    assert float(offline["kd"]) == pytest.approx(float(online["kd"]), rel=1e-3)  # fp16 storage of the hidden states
