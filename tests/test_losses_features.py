@@ -99,7 +99,7 @@ def test_relation_kl_matches_reference():
     total, rows = 0.0, 0
     for b in range(2):
         for h in range(2):
-            a, c = xs[b, :, h * 6:(h + 1) * 6], xt[b, :, h * 10:(h + 1) * 10]
+            a, c = xs.detach()[b, :, h * 6:(h + 1) * 6], xt[b, :, h * 10:(h + 1) * 10]
             for i in range(6):
                 if not mask[b, i]:
                     continue
