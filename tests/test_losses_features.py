@@ -108,7 +108,7 @@ def test_relation_kl_matches_reference():
                 log_t = (c[i] @ c[keys].T / math.sqrt(10)).log_softmax(-1)
                 total += float((log_t.exp() * (log_t - log_s)).sum())
                 rows += 1
-    assert float(loss) == pytest.approx(total / rows, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(total / rows, rel=1e-5)
     loss.backward()
     assert torch.isfinite(xs.grad).all() and xs.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="not divisible"):
