@@ -69,8 +69,8 @@ class LossConfig:
     """Weight of forward KL to the teacher distribution (restricted to the student's vocabulary)."""
     temperature: float = 1.0
     """Softmax temperature for KD; the KL is multiplied by T^2 (Hinton et al., 2015)."""
-    chunk_size_tokens: int = 1024
-    """Tokens per chunk when computing logits; bounds memory at chunk x vocab."""
+    chunk_size_tokens: int = 0
+    """Tokens per chunk when computing logits (peak ~4 fp32 [chunk, vocab] buffers); 0 = auto, ~64 MiB per buffer."""
     divergence: str = "forward_kl"
     """KD divergence: forward_kl, reverse_kl, jsd, tv, mse_prob (temperature applies), or mse / cosine on raw logits."""
     jsd_beta: float = 0.5
@@ -269,7 +269,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
         (cfg.loss.ce_weight >= 0 and cfg.loss.kd_weight >= 0, "loss weights must be >= 0"),
         (cfg.loss.ce_weight + cfg.loss.kd_weight > 0, "loss.ce_weight + loss.kd_weight must be > 0"),
-        (cfg.loss.chunk_size_tokens > 0, "loss.chunk_size_tokens must be > 0"),
+        (cfg.loss.chunk_size_tokens >= 0, "loss.chunk_size_tokens must be >= 0 (0 = auto)"),
         (cfg.loss.divergence in DIVERGENCES, f"loss.divergence must be one of {', '.join(DIVERGENCES)}"),
         (0.0 <= cfg.loss.jsd_beta <= 1.0, "loss.jsd_beta must be in [0, 1]"),
         (cfg.loss.top_k >= 0, "loss.top_k must be >= 0 (0 = full distribution)"),

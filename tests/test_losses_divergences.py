@@ -216,3 +216,11 @@ def test_bad_inputs_are_clear():
         chunked_distill_loss(**base, vocab_size=V, sparse_targets=bad)
     with pytest.raises(ValueError, match="top_k"):
         chunked_distill_loss(**case, vocab_size=V, top_k=0)
+
+
+def test_auto_chunk_size_bounds_the_buffer():
+    from megadistill.losses.logits import auto_chunk_size_tokens
+
+    assert auto_chunk_size_tokens(262_144) == 64  # 64 x 262,144 x 4 B = 64 MiB
+    assert auto_chunk_size_tokens(7_040) * 7_040 * 4 <= 64 * 2**20 < (auto_chunk_size_tokens(7_040) + 1) * 7_040 * 4
+    assert auto_chunk_size_tokens(10**9) == 1

@@ -38,6 +38,7 @@ def test_loss_weights_follow_config_and_schedule_steps():
     ("loss.temperature_end=0", "temperature_end"),
     ("teacher.mode=offline", "teacher.logit_cache"),
     ("features.relations=[x]", "features.relations"),
+    ("loss.chunk_size_tokens=-1", "chunk_size_tokens must be >= 0"),
 ])
 def test_bad_loss_config_is_named(override, message):
     with pytest.raises(ValueError, match=message):

@@ -21,7 +21,7 @@ from megadistill.config import LossConfig, TrainConfig
 from megadistill.data.collate import collate_clm
 from megadistill.data.packing import micro_batch_indices
 from megadistill.losses.features import collect_features
-from megadistill.losses.logits import chunked_distill_loss, remap_sparse_targets
+from megadistill.losses.logits import auto_chunk_size_tokens, chunked_distill_loss, remap_sparse_targets
 from megadistill.losses.schedule import LossWeights, loss_weights_at
 from megadistill.models.teacher import final_hidden_states
 
@@ -114,7 +114,7 @@ class DistillStudent(torch.nn.Module):
             temperature=weights.temperature,
             ce_weight=weights.ce_weight,
             kd_weight=weights.kd_weight if use_kd else 0.0,
-            chunk_size_tokens=cfg.chunk_size_tokens,
+            chunk_size_tokens=cfg.chunk_size_tokens or auto_chunk_size_tokens(self.vocab_size),
             student_softcap=self.softcaps[0],
             teacher_softcap=self.softcaps[1],
             sparse_targets=sparse_targets if use_kd else None,
