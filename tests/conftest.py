@@ -73,3 +73,33 @@ def tiny_tokenizer(sib200_dir):
     """Tiny BPE tokenizer trained on SIB-200 Hindi + English train text (about 700 ids)."""
     texts = read_sib200_texts(sib200_dir, "hin_Deva") + read_sib200_texts(sib200_dir, "eng_Latn")
     return build_tiny_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def cache_workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
+    """A tiny Llama teacher directory (peaked predictions) and binarized Hindi dev text, for the teacher-cache tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tools.binarize import binarize
+
+    root = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked predictions, so top-p keeps a varying number of entries
+    model.save_pretrained(root / "teacher")
+    tiny_tokenizer.save_pretrained(root / "teacher")
+    tok = AutoTokenizer.from_pretrained(root / "teacher")
+    texts = sib200_dir / "hin_Deva" / "dev.tsv"  # 99 sentences: a few dozen windows of 16 tokens
+    binarize([texts], tok, root / "data" / "hin", show_progress=False)
+    return root
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """Environment of a one-process job, restored afterwards (the tool runs in this process)."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)

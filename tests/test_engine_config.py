@@ -1,7 +1,5 @@
 """The run config owns batch shape, precision and optimizer in the DeepSpeed JSON."""
 
-import json
-
 import pytest
 
 from megadistill.config import OptimConfig, TrainConfig

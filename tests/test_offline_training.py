@@ -15,16 +15,16 @@ from megadistill.models.student import build_student_from_teacher
 from megadistill.models.teacher import final_hidden_states, load_teacher
 from megadistill.stages.pretrain import DistillStudent, TeacherSource
 from megadistill.teacher_cache import TeacherCache
-from test_teacher_cache import packed_windows, run_tool, single_process, workspace  # noqa: F401  (fixtures)
+from test_teacher_cache import packed_windows, run_tool
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_step_from_cache_equals_online_topk_step(workspace, tmp_path, single_process, divergence):  # noqa: F811
+def test_step_from_cache_equals_online_topk_step(cache_workspace, tmp_path, single_process, divergence):
     out = tmp_path / "cache"
-    run_tool(workspace, out, "--k", "8", "--top-p", "0.95")
+    run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.95")
     cache = TeacherCache(out)
-    teacher, tok = load_teacher(workspace / "teacher")
-    packed = packed_windows(workspace)
+    teacher, tok = load_teacher(cache_workspace / "teacher")
+    packed = packed_windows(cache_workspace)
     vocab = len(tok)
     head = teacher.get_output_embeddings().weight.detach()[:vocab].clone()
     loss_cfg = LossConfig(ce_weight=0.3, kd_weight=0.7, divergence=divergence, top_k=8, top_p=0.95, chunk_size_tokens=10)
@@ -59,12 +59,12 @@ def test_step_from_cache_equals_online_topk_step(workspace, tmp_path, single_pro
     assert np.array_equal(windows[0], packed.window(packed.window_id(indices[0])))
 
 
-def test_step_from_hidden_cache_equals_online_dense_step(workspace, tmp_path, single_process):  # noqa: F811
+def test_step_from_hidden_cache_equals_online_dense_step(cache_workspace, tmp_path, single_process):
     out = tmp_path / "hidden"
-    run_tool(workspace, out, "--kind", "hidden")
+    run_tool(cache_workspace, out, "--kind", "hidden")
     cache = TeacherCache(out)
-    teacher, tok = load_teacher(workspace / "teacher")
-    packed = packed_windows(workspace)
+    teacher, tok = load_teacher(cache_workspace / "teacher")
+    packed = packed_windows(cache_workspace)
     head = teacher.get_output_embeddings().weight.detach()[: len(tok)].clone()
     loss_cfg = LossConfig(ce_weight=0.5, kd_weight=0.5, divergence="mse", chunk_size_tokens=7)
     module = DistillStudent(build_student_from_teacher(teacher, [1], None), head, loss_cfg, len(tok))

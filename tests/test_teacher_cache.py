@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from megadistill.data.indexed import IndexedDataset
 from megadistill.data.packing import PackedDataset
@@ -20,46 +20,20 @@ from megadistill.models.teacher import final_hidden_states, load_teacher
 from megadistill.teacher_cache import (TeacherCache, id_layout, pack_entries, shard_path, teacher_targets,
                                        unpack_entries)
 from tools import cache_teacher_logits
-from tools.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 16
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
-    """A tiny Llama teacher directory and binarized Hindi train data (teacher ids)."""
-    root = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)  # peaked predictions, so top-p keeps a varying number of entries
-    model.save_pretrained(root / "teacher")
-    tiny_tokenizer.save_pretrained(root / "teacher")
-    tok = AutoTokenizer.from_pretrained(root / "teacher")
-    texts = sib200_dir / "hin_Deva" / "dev.tsv"  # 99 sentences: a few dozen windows of 16 tokens
-    binarize([texts], tok, root / "data" / "hin", show_progress=False)
-    return root
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    """Environment of a one-process job, restored afterwards (the tool runs in this process)."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
-        monkeypatch.setenv(key, value)
-
-
-def run_tool(workspace, out, *extra):
-    args = ["--teacher", str(workspace / "teacher"), "--data", str(workspace / "data" / "hin"), "--output", str(out),
+def run_tool(cache_workspace, out, *extra):
+    args = ["--teacher", str(cache_workspace / "teacher"), "--data", str(cache_workspace / "data" / "hin"), "--output", str(out),
             "--seq-len", str(SEQ), "--seed", "7", "--windows-per-shard", "8", "--micro-batch-size", "3",
             "--chunk-tokens", "20", *extra]
     assert cache_teacher_logits.main(args) == 0
 
 
-def packed_windows(workspace, seed=7, seq=SEQ):
-    return PackedDataset([IndexedDataset(workspace / "data" / "hin")], seq, seed=seed, fixed_layout=True)
+def packed_windows(cache_workspace, seed=7, seq=SEQ):
+    return PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], seq, seed=seed, fixed_layout=True)
 
 
 def free_port() -> int:
@@ -93,12 +67,12 @@ def test_pack_unpack_round_trip_and_tail():
     assert float(out.tail_logprob.exp()[0]) > 0  # the dropped -55-nat entries live on as tail mass
 
 
-def test_tool_cache_equals_online_topk(workspace, tmp_path, single_process):
+def test_tool_cache_equals_online_topk(cache_workspace, tmp_path, single_process):
     out = tmp_path / "topk"
-    run_tool(workspace, out, "--k", "8", "--top-p", "0.9")
+    run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.9")
     cache = TeacherCache(out)
-    packed = packed_windows(workspace)
-    teacher, tok = load_teacher(workspace / "teacher")
+    packed = packed_windows(cache_workspace)
+    teacher, tok = load_teacher(cache_workspace / "teacher")
     cache.check_compatible(packed, tok)
     assert cache.meta["num_windows"] == len(packed) and cache.meta["num_shards"] == -(-len(packed) // 8)
     # 4 bytes per kept entry + 1 (count) + 2 (tail) per token, + .npy headers and the marker of each 128-token shard.
@@ -120,12 +94,12 @@ def test_tool_cache_equals_online_topk(workspace, tmp_path, single_process):
         cache.verify_windows([3], [packed.window(4)])
 
 
-def test_hidden_kind_round_trip(workspace, tmp_path, single_process):
+def test_hidden_kind_round_trip(cache_workspace, tmp_path, single_process):
     out = tmp_path / "hidden"
-    run_tool(workspace, out, "--kind", "hidden")
+    run_tool(cache_workspace, out, "--kind", "hidden")
     cache = TeacherCache(out)
-    packed = packed_windows(workspace)
-    teacher, _ = load_teacher(workspace / "teacher")
+    packed = packed_windows(cache_workspace)
+    teacher, _ = load_teacher(cache_workspace / "teacher")
     ids = torch.from_numpy(np.stack([packed.window(w)[:-1] for w in (1, 2)]))
     with torch.no_grad():
         want = final_hidden_states(teacher, ids).float()
@@ -134,29 +108,29 @@ def test_hidden_kind_round_trip(workspace, tmp_path, single_process):
         cache.targets([0])
 
 
-def test_resume_rewrites_only_missing_shards_identically(workspace, tmp_path, single_process):
+def test_resume_rewrites_only_missing_shards_identically(cache_workspace, tmp_path, single_process):
     out = tmp_path / "resume"
-    run_tool(workspace, out)
+    run_tool(cache_workspace, out)
     before = shard_bytes(out)
     shard_path(out, 1, "entries").unlink()
     shard_path(out, 1, "done").unlink()
     (out / ".shard_000002.entries.npy.tmp999").write_bytes(b"half-written")  # an interrupted writer's leftover
     untouched = shard_path(out, 0, "entries").stat().st_mtime_ns
-    run_tool(workspace, out)
+    run_tool(cache_workspace, out)
     assert shard_bytes(out) == before
     assert shard_path(out, 0, "entries").stat().st_mtime_ns == untouched  # complete shards are skipped
     with pytest.raises(ValueError, match="another spec.k"):
-        run_tool(workspace, out, "--k", "4")
+        run_tool(cache_workspace, out, "--k", "4")
 
 
-def test_two_ranks_write_the_same_shards(workspace, tmp_path, single_process):
+def test_two_ranks_write_the_same_shards(cache_workspace, tmp_path, single_process):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_tool(workspace, one)
+    run_tool(cache_workspace, one)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "tools/cache_teacher_logits.py", "--teacher", str(workspace / "teacher"), "--data",
-           str(workspace / "data" / "hin"), "--output", str(two), "--seq-len", str(SEQ), "--seed", "7",
+           "tools/cache_teacher_logits.py", "--teacher", str(cache_workspace / "teacher"), "--data",
+           str(cache_workspace / "data" / "hin"), "--output", str(two), "--seq-len", str(SEQ), "--seed", "7",
            "--windows-per-shard", "8", "--micro-batch-size", "3", "--chunk-tokens", "20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -164,21 +138,21 @@ def test_two_ranks_write_the_same_shards(workspace, tmp_path, single_process):
     assert TeacherCache(two).meta["bytes_per_token"] == TeacherCache(one).meta["bytes_per_token"]
 
 
-def test_mismatches_and_damage_are_named(workspace, tmp_path, single_process):
+def test_mismatches_and_damage_are_named(cache_workspace, tmp_path, single_process):
     out = tmp_path / "bad"
-    run_tool(workspace, out, "--k", "4")
+    run_tool(cache_workspace, out, "--k", "4")
     cache = TeacherCache(out)
-    _, tok = load_teacher(workspace / "teacher")
+    _, tok = load_teacher(cache_workspace / "teacher")
     with pytest.raises(ValueError, match="seq_len_tokens is 16 in the cache but 12"):
-        cache.check_compatible(packed_windows(workspace, seq=12), tok)
+        cache.check_compatible(packed_windows(cache_workspace, seq=12), tok)
     with pytest.raises(ValueError, match="seed is 7 in the cache but 8"):
-        cache.check_compatible(packed_windows(workspace, seed=8), tok)
-    other = AutoTokenizer.from_pretrained(workspace / "teacher")
+        cache.check_compatible(packed_windows(cache_workspace, seed=8), tok)
+    other = AutoTokenizer.from_pretrained(cache_workspace / "teacher")
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizer_sha256"):
-        cache.check_compatible(packed_windows(workspace), other)
+        cache.check_compatible(packed_windows(cache_workspace), other)
     with pytest.raises(ValueError, match="fixed_layout"):
-        cache.check_compatible(PackedDataset([IndexedDataset(workspace / "data" / "hin")], SEQ, seed=7), tok)
+        cache.check_compatible(PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], SEQ, seed=7), tok)
     entries = shard_path(out, 0, "entries")
     entries.write_bytes(entries.read_bytes()[:-8])
     with pytest.raises(ValueError, match=r"shard_000000\.entries\.npy"):
@@ -187,4 +161,4 @@ def test_mismatches_and_damage_are_named(workspace, tmp_path, single_process):
     with pytest.raises(FileNotFoundError, match="meta.json not found"):
         TeacherCache(out)
     with pytest.raises(ValueError, match="k must be in"):
-        run_tool(workspace, tmp_path / "k0", "--k", "0")
+        run_tool(cache_workspace, tmp_path / "k0", "--k", "0")
