@@ -28,12 +28,12 @@ import torch
 
 from megadistill import checkpoint, distributed, engine
 from megadistill.config import RunConfig, load_config, save_config, to_dict
-from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches
+from megadistill.data.indexed import open_checked_datasets
 from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
 from megadistill.logging import MetricsLogger, setup_console
 from megadistill.models.student import build_student_from_teacher, parse_layer_map
-from megadistill.models.teacher import count_parameters, load_teacher, output_softcap, resolve_teacher
+from megadistill.models.teacher import count_parameters, load_teacher_once, output_softcap
 from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokenizer
 from megadistill.losses.features import FeatureDistiller, feature_layer_pairs, use_eager_attention
 from megadistill.losses.schedule import loss_weights_at
@@ -54,23 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     return parser.parse_args(argv)
-
-
-def load_teacher_once(cfg: RunConfig):
-    """Rank 0 converts/caches a GGUF teacher first; the other ranks then load the cached copy."""
-    if distributed.is_main():
-        resolve_teacher(cfg.teacher.path, cfg.teacher.cache_dir)
-    distributed.barrier()
-    return load_teacher(cfg.teacher.path, cache_dir=cfg.teacher.cache_dir)
-
-
-def open_datasets(prefixes: list[str], tokenizer) -> list[IndexedDataset]:
-    """Open indexed datasets and refuse any binarized with a different tokenizer than the teacher's."""
-    datasets = []
-    for prefix in prefixes:
-        check_tokenizer_matches(prefix, tokenizer)
-        datasets.append(IndexedDataset(prefix))
-    return datasets
 
 
 def check_vocab_sizes(teacher, tokenizer) -> int:
@@ -188,10 +171,10 @@ def main(argv=None) -> int:
         save_config(cfg, run_dir / "config.yaml")
     wall_start = time.time()
 
-    teacher, tokenizer = load_teacher_once(cfg)
+    teacher, tokenizer = load_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
-    train_sets = open_datasets(cfg.data.train_prefixes, tokenizer)
-    valid_sets = open_datasets(cfg.data.valid_prefixes, tokenizer)
+    train_sets = open_checked_datasets(cfg.data.train_prefixes, tokenizer)
+    valid_sets = open_checked_datasets(cfg.data.valid_prefixes, tokenizer)
     offline = cfg.teacher.mode == "offline"
     train_data = PackedDataset(train_sets, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=offline)
     cache = open_cache(cfg, train_data, tokenizer)

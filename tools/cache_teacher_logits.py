@@ -29,10 +29,10 @@ import torch
 from tqdm import tqdm
 
 from megadistill import distributed
-from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches
+from megadistill.data.indexed import open_checked_datasets
 from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
-from megadistill.models.teacher import load_teacher, output_softcap, resolve_teacher
+from megadistill.models.teacher import load_teacher_once, output_softcap
 from megadistill.teacher_cache import (CacheSpec, cache_meta, directory_bytes_per_token, shard_arrays_for,
                                        shard_is_complete, write_shard)
 
@@ -78,15 +78,6 @@ def check_plan(output: Path, plan: dict) -> None:
                              "or the same arguments to resume")
 
 
-def open_windows(args, tokenizer) -> PackedDataset:
-    """The fixed-layout packed windows the trainer will read."""
-    sets = []
-    for prefix in args.data:
-        check_tokenizer_matches(prefix, tokenizer)
-        sets.append(IndexedDataset(prefix))
-    return PackedDataset(sets, args.seq_len, seed=args.seed, fixed_layout=True)
-
-
 def write_my_shards(args, spec: CacheSpec, teacher, vocab: int, packed: PackedDataset, output: Path, meta: dict) -> int:
     """Write the incomplete shards owned by this rank; returns tokens written."""
     rank, world = distributed.rank(), distributed.world_size()
@@ -109,13 +100,11 @@ def main(argv=None) -> int:
     spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard)
     spec.validate()
     distributed.init()
-    if distributed.is_main():
-        resolve_teacher(args.teacher, args.cache_dir)
-    distributed.barrier()
-    teacher, tokenizer = load_teacher(args.teacher, cache_dir=args.cache_dir)
+    teacher, tokenizer = load_teacher_once(args.teacher, args.cache_dir)
     if args.precision == "bf16":
         teacher = teacher.to(torch.bfloat16)
-    packed = open_windows(args, tokenizer)
+    # The fixed-layout windows the trainer reads with teacher.mode=offline.
+    packed = PackedDataset(open_checked_datasets(args.data, tokenizer), args.seq_len, seed=args.seed, fixed_layout=True)
     vocab = len(tokenizer)
     meta = cache_meta(spec, packed, tokenizer, args.teacher, vocab, teacher.config.get_text_config().hidden_size,
                       output_softcap(teacher.config))

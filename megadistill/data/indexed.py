@@ -443,6 +443,19 @@ def _special_tokens(tokenizer: Any) -> dict[str, str]:
     return {name: str(value) for name, value in tokenizer.special_tokens_map.items()}
 
 
+def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any) -> list["IndexedDataset"]:
+    """Open indexed datasets, refusing any binarized with another tokenizer (:func:`check_tokenizer_matches`).
+
+    Raises:
+        FileNotFoundError / ValueError: as :class:`IndexedDataset` and :func:`check_tokenizer_matches`.
+    """
+    datasets = []
+    for prefix in prefixes:
+        check_tokenizer_matches(prefix, tokenizer)
+        datasets.append(IndexedDataset(prefix))
+    return datasets
+
+
 def check_tokenizer_matches(prefix: str | Path, tokenizer: Any) -> None:
     """Refuse a dataset binarized with another tokenizer (token ids would mean other strings).
 

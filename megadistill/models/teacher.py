@@ -207,6 +207,20 @@ def load_teacher(
     return model, tokenizer
 
 
+def load_teacher_once(spec: str | Path, cache_dir: str | Path | None = None):
+    """:func:`load_teacher` on every rank, with rank 0 converting/caching a GGUF teacher first.
+
+    The other ranks wait at a barrier and then load the cached conversion, so a GGUF file
+    is dequantized once per job, not once per rank. Returns ``(model, tokenizer)``.
+    """
+    from megadistill import distributed
+
+    if distributed.is_main():
+        resolve_teacher(spec, cache_dir)
+    distributed.barrier()
+    return load_teacher(spec, cache_dir=cache_dir)
+
+
 def _check_causal_lm(config: PretrainedConfig, path: Path) -> None:
     architectures = config.architectures or []
     if any(name.endswith("ForMaskedLM") for name in architectures):
