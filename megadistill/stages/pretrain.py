@@ -173,10 +173,11 @@ class TeacherSource:
 
 def _forward(student_engine, teacher: TeacherSource, data, indices, vocab_map, weights: LossWeights, wrap=False):
     """One micro-batch (samples ``indices`` of ``data``) through the teacher signal and the student."""
-    windows = [data[i % len(data)] if wrap else data[i] for i in indices]
+    indices = [i % len(data) for i in indices] if wrap else list(indices)
+    windows = [data[i] for i in indices]
     batch = collate_clm(windows, vocab_map)
     dev = student_engine.device
-    kwargs = teacher.signal(batch, data, [i % len(data) if wrap else i for i in indices], windows, dev)
+    kwargs = teacher.signal(batch, data, indices, windows, dev)
     out = student_engine(batch["input_ids"].to(dev), batch["labels"].to(dev), weights=weights, **kwargs)
     out["dropped_tokens"] = batch["dropped_tokens"]
     return out
