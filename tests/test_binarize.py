@@ -34,7 +34,7 @@ def hin_dev(sib200_dir, tiny_tokenizer, tmp_path_factory):
 
     prefix = tmp_path_factory.mktemp("corpus") / "hin_Deva"
     meta = binarize_tool.binarize(
-        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, batch_size_docs=16, show_progress=False
+        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(batch_size_docs=16), show_progress=False
     )
     return prefix, meta, read_sib200_texts(sib200_dir, "hin_Deva", "dev")
 
@@ -66,7 +66,7 @@ def test_provenance_counts(hin_dev, tiny_tokenizer, sib200_dir):
     assert (meta["language"], meta["script"], meta["dtype"]) == ("hin", "Deva", "uint16")
     assert meta["dropped"] == {}
     assert meta["sources"] == [
-        {"path": str(sib200_dir / "hin_Deva" / "dev.tsv"), "format": "tsv", "documents": 99, "lines_read": 100}
+        {"path": str(sib200_dir / "hin_Deva" / "dev.tsv"), "format": "tsv", "documents": 99, "documents_read": 99, "lines_read": 100}
     ]
 
 
@@ -101,7 +101,7 @@ def test_failure_keeps_previous_output(hin_dev, tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\n\n\xffbroken\n")
     with pytest.raises(ValueError, match=r"bad\.txt:3: invalid UTF-8"):
-        binarize_tool.binarize([bad], tiny_tokenizer, prefix, on_error="fail", show_progress=False)
+        binarize_tool.binarize([bad], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(on_error="fail"), show_progress=False)
     assert {p: p.read_bytes() for p in prefix.parent.iterdir()} == before
 
 

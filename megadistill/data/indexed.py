@@ -148,6 +148,27 @@ class IndexedDatasetWriter:
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(len(tokens))
 
+    def add_documents(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several documents at once: ``ids`` is their tokens concatenated, ``lengths`` their sizes.
+
+        Args:
+            ids: 1-D integer array of ``lengths.sum()`` token ids.
+            lengths: 1-D integer array, tokens per document (each >= 1).
+        Raises:
+            ValueError: as :meth:`add_document`, for the batch; lengths that do not sum to ``len(ids)``.
+            RuntimeError: the writer was already finalized or aborted.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) == 0:
+            return
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already closed")
+        if int(lengths.sum()) != len(ids) or int(lengths.min()) < 1:
+            raise ValueError(f"documents {len(self._lengths)}..: lengths must be >= 1 and sum to {len(ids)} ids")
+        tokens = self._checked_tokens(ids)
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.extend(lengths.tolist())
+
     def _checked_tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """``ids`` as a 1-D integer array after range checks against ``self.dtype``."""
         doc = len(self._lengths)

@@ -1,41 +1,58 @@
-"""Stream NFC-normalized documents out of raw corpus files (SIB-200 .tsv, IndicCorp .txt, .jsonl).
+"""Stream NFC-normalized documents out of raw corpora: .tsv, IndicCorp .txt, .jsonl, parquet, HF datasets.
 
-Files are read in binary and decoded line by line, so memory does not grow with file size
-and an undecodable byte is reported as ``file:line``. Every dropped record is counted by
-reason in a ``SourceStats`` that ``tools/binarize.py`` writes into the dataset provenance.
+Text files may be compressed (``.gz``, ``.xz``, ``.bz2``); they are read in binary and decoded
+line by line, so memory does not grow with file size, a line longer than ``max_line_bytes``
+is skipped without being held in memory, and an undecodable byte is reported as
+``file:line``. Parquet files (Sangraha) are read in record batches; a Hugging Face
+``datasets`` split is read from a ``save_to_disk`` directory or, where the hub is reachable,
+by name in streaming mode. Every dropped record is counted by reason in a ``SourceStats``
+that ``tools/binarize.py`` writes into the dataset provenance.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import logging
+import lzma
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {".tsv": "tsv", ".txt": "txt", ".jsonl": "jsonl"}
+FORMATS = {".tsv": "tsv", ".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+HF_PREFIX = "hf:"
 ON_ERROR = ("skip", "fail")
+DEFAULT_MAX_LINE_BYTES = 4 * 2**20
+"""Longest accepted physical line (bytes); longer lines are skipped unread (a corrupt or non-text file)."""
+_PARQUET_BATCH_ROWS = 1024
 # FLORES-200 / SIB-200 language code: ISO 639-3 + "_" + ISO 15924 script (hin_Deva, sat_Olck).
 _LANG_SCRIPT = re.compile(r"(?<![A-Za-z])([a-z]{3})_([A-Z][a-z]{3})(?![A-Za-z])")
 
 
 @dataclass
 class Document:
-    """One document of a corpus file.
+    """One document of a corpus.
 
     Attributes:
         text: NFC-normalized text; IndicCorp sentences joined with ``"\\n"``.
-        source: path of the file it came from (as given).
-        line: 1-based line number of the document's first kept line in that file.
+        source: path of the file it came from (as given), or ``hf:<name>`` for a datasets split.
+        line: 1-based line number of the document's first kept line (text files) or 1-based
+            row number (parquet, datasets).
+        doc_id: the record's ``doc_id`` field where the source has one (Sangraha), else None.
+        kind: the record's ``type`` field where present (Sangraha: verified / synthetic / ...).
     """
 
     text: str
     source: str
     line: int
+    doc_id: str | None = None
+    kind: str | None = None
 
 
 @dataclass
@@ -44,20 +61,22 @@ class SourceStats:
 
     Attributes:
         documents: documents yielded.
-        lines_read: physical lines read (headers and blank lines included).
+        lines_read: physical lines (text files) or rows (parquet, datasets) read.
         characters: Unicode code points of the yielded texts, after NFC (for bits per character).
-        dropped: reason -> records dropped: ``invalid_utf8``, ``empty_document``,
-            ``missing_text_field``, ``bad_json``, ``bad_tsv_row``.
+        dropped: reason -> records dropped: ``invalid_utf8``, ``nul_byte``, ``line_too_long``,
+            ``empty_document``, ``missing_text_field``, ``bad_json``, ``bad_tsv_row``.
+        kinds: record ``type`` -> documents yielded (Sangraha provenance); empty for other sources.
     """
 
     documents: int = 0
     lines_read: int = 0
     characters: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)
 
-    def drop(self, reason: str) -> None:
-        """Count one dropped record under ``reason``."""
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` dropped records under ``reason``."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
 def language_from_path(path: str | Path) -> tuple[str | None, str | None]:
@@ -66,11 +85,33 @@ def language_from_path(path: str | Path) -> tuple[str | None, str | None]:
     ``.../hin_Deva/train.tsv`` -> ``("hin", "Deva")``; ``sat_Olck.txt`` -> ``("sat", "Olck")``;
     no ``xxx_Xxxx`` component -> ``(None, None)``.
     """
-    for part in reversed(Path(path).parts):
+    for part in reversed(Path(str(path).removeprefix(HF_PREFIX)).parts):
         match = _LANG_SCRIPT.search(part)
         if match:
             return match.group(1), match.group(2)
     return None, None
+
+
+def corpus_format(path: str | Path, fmt: str | None = None) -> str:
+    """Format name of a corpus path: ``fmt`` if given, else from the suffix under any compression suffix.
+
+    ``x.txt.gz`` -> ``"txt"``; ``hf:...`` -> ``"hf"``.
+    Raises:
+        ValueError: unknown suffix or format (the message lists the supported ones).
+    """
+    if str(path).startswith(HF_PREFIX):
+        return "hf"
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes.pop()
+    resolved = fmt if fmt is not None else FORMATS.get(suffixes[-1] if suffixes else "")
+    if resolved not in FORMATS.values():
+        supported = ", ".join(f"{s} ({f})" for s, f in FORMATS.items())
+        raise ValueError(
+            f"{path}: unknown corpus format {fmt or ''.join(suffixes)!r}; supported: {supported}, "
+            f"optionally compressed ({', '.join(COMPRESSION)}), or hf:<dataset dir or name>"
+        )
+    return resolved
 
 
 def read_documents(
@@ -79,64 +120,106 @@ def read_documents(
     *,
     on_error: str = "skip",
     stats: SourceStats | None = None,
+    text_field: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    split: str = "train",
+    config_name: str | None = None,
 ) -> Iterator[Document]:
-    """Yield the documents of one corpus file, lazily.
+    """Yield the documents of one corpus, lazily.
 
-    Formats (inferred from the suffix unless ``fmt`` is given):
+    Formats (inferred from the suffix, under an optional ``.gz``/``.xz``/``.bz2``, unless ``fmt`` is given):
       * ``tsv``: header row with a ``text`` column, tab separated, no quoting (SIB-200, FLORES);
-      * ``txt``: one sentence a line, a blank line between documents (IndicCorp);
-      * ``jsonl``: one JSON object a line with a string field ``text`` (Sangraha).
+      * ``txt``: one sentence a line, a blank line between documents (IndicCorp v2);
+      * ``jsonl``: one JSON object a line with a string field ``text``; ``doc_id`` and ``type`` kept;
+      * ``parquet``: column ``text`` (Sangraha), ``doc_id`` and ``type`` kept when present;
+      * ``hf:<dir or name>``: a ``datasets`` split, from ``load_from_disk(dir)`` or
+        ``load_dataset(name, config_name, split=split, streaming=True)``.
 
     Texts are NFC-normalized; whitespace-only documents are dropped and counted.
 
     Args:
-        path: corpus file.
-        fmt: ``"tsv"``, ``"txt"`` or ``"jsonl"``; ``None`` infers it from the suffix.
-        on_error: ``"skip"`` drops a malformed record (invalid UTF-8, bad JSON, missing
-            ``text``) and counts it in ``stats.dropped``; ``"fail"`` raises on it.
+        path: corpus file, or ``hf:`` + a ``save_to_disk`` directory or hub dataset name.
+        fmt: a format name; ``None`` infers it.
+        on_error: ``"skip"`` drops a malformed record (invalid UTF-8, NUL byte, over-long line,
+            bad JSON, missing ``text``) and counts it in ``stats.dropped``; ``"fail"`` raises on it.
         stats: counters updated in place while iterating.
+        text_field: column / JSON field holding the text (tsv, jsonl, parquet, datasets).
+        max_line_bytes: longest physical line accepted, in bytes (text formats).
+        split, config_name: which split / configuration of a datasets source.
     Raises:
         FileNotFoundError: ``path`` missing (at call time).
-        ValueError: unknown format or ``on_error``, empty file (at call time); a tsv header
-            without ``text``, a malformed record with ``on_error="fail"``, or a file that
-            yields no document (while iterating). Messages start with ``file`` or ``file:line``.
+        ValueError: unknown format or ``on_error``, empty file (at call time); a header
+            without the text field, a malformed record with ``on_error="fail"``, a truncated
+            compressed file, or a corpus that yields no document (while iterating).
+            Messages start with ``file`` or ``file:line``.
     """
-    path = Path(path)
-    fmt = _resolve_format(path, fmt)
+    fmt = corpus_format(path, fmt)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    stats = stats if stats is not None else SourceStats()
+    if fmt == "hf":
+        records = _hf_records(str(path)[len(HF_PREFIX):], split, config_name, text_field, stats)
+        return _counted(str(path), stats, _record_documents(str(path), records, text_field, on_error, stats))
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus file not found")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes)")
-    stats = stats if stats is not None else SourceStats()
+    if fmt == "parquet":
+        return _counted(str(path), stats, _record_documents(str(path), _parquet_records(path, text_field, stats),
+                                                            text_field, on_error, stats))
+    lines = _Lines(path, on_error, stats, max_line_bytes)
     reader = {"tsv": _tsv_documents, "txt": _txt_documents, "jsonl": _jsonl_documents}[fmt]
-    return _counted(path, stats, reader(_Lines(path, on_error, stats)))
-
-
-def _resolve_format(path: Path, fmt: str | None) -> str:
-    """Format name from ``fmt`` or the file suffix; ValueError naming the supported ones."""
-    resolved = fmt if fmt is not None else FORMATS.get(path.suffix.lower())
-    if resolved not in FORMATS.values():
-        supported = ", ".join(f"{s} ({f})" for s, f in FORMATS.items())
-        raise ValueError(f"{path}: unknown corpus format {fmt or path.suffix!r}; supported: {supported}")
-    return resolved
+    return _counted(str(path), stats, reader(lines, text_field))
 
 
 class _Lines:
-    """Decoded lines of one file with their 1-based numbers; records drops in ``stats``."""
+    """Decoded lines of one (possibly compressed) file with their 1-based numbers; records drops in ``stats``."""
 
-    def __init__(self, path: Path, on_error: str, stats: SourceStats) -> None:
-        self.path, self.on_error, self.stats = path, on_error, stats
+    def __init__(self, path: Path, on_error: str, stats: SourceStats, max_line_bytes: int) -> None:
+        self.path, self.on_error, self.stats, self.max_line_bytes = path, on_error, stats, max_line_bytes
 
     def __iter__(self) -> Iterator[tuple[int, str | None]]:
-        """``(line_number, text)``; text is ``None`` for a line dropped as invalid UTF-8."""
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                self.stats.lines_read += 1
-                yield number, self._decode(number, raw)
+        """``(line_number, text)``; text is ``None`` for a dropped line (invalid UTF-8, NUL, too long)."""
+        opener = COMPRESSION.get(self.path.suffix.lower(), open)
+        number = 0
+        try:
+            with opener(self.path, "rb") as f:
+                for number, raw, too_long in self._raw_lines(f):
+                    self.stats.lines_read += 1
+                    yield number, None if too_long else self._decode(number, raw)
+        except (EOFError, OSError, lzma.LZMAError) as err:  # truncated or corrupt compressed stream
+            raise ValueError(f"{self.path}:{number + 1}: cannot read compressed data ({err}); the file is truncated or corrupt") from None
+
+    def _raw_lines(self, f) -> Iterator[tuple[int, bytes, bool]]:
+        """``(number, bytes, too_long)``; reads at most ``max_line_bytes + 1`` bytes of a line at a time."""
+        number = 0
+        while True:
+            raw = f.readline(self.max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > self.max_line_bytes and not raw.endswith(b"\n"):
+                size = len(raw) + self._skip_rest(f)
+                self.reject(number, "line_too_long", f"line of {size:,} bytes exceeds max_line_bytes={self.max_line_bytes:,}")
+                yield number, b"", True
+            else:
+                yield number, raw, False
+
+    def _skip_rest(self, f) -> int:
+        """Consume the rest of an over-long line without keeping it; returns the bytes skipped."""
+        skipped = 0
+        while True:
+            chunk = f.readline(2**20)
+            skipped += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                return skipped
 
     def _decode(self, number: int, raw: bytes) -> str | None:
+        if b"\x00" in raw:
+            column = raw.index(b"\x00") + 1
+            self.reject(number, "nul_byte", f"NUL byte at column {column} (binary data?)")
+            return None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -148,16 +231,24 @@ class _Lines:
 
     def reject(self, number: int, reason: str, detail: str) -> None:
         """Count a malformed record, or raise ``ValueError`` when ``on_error == "fail"``."""
-        if self.on_error == "fail":
-            raise ValueError(f"{self.path}:{number}: {detail}; rerun with --on-error skip to drop such lines")
-        logger.debug("%s:%d: dropped (%s)", self.path, number, detail)
-        self.stats.drop(reason)
+        _reject(self.path, number, reason, detail, self.on_error, self.stats)
 
 
-def _counted(path: Path, stats: SourceStats, documents: Iterator[tuple[int, str]]) -> Iterator[Document]:
+def _reject(source, number: int, reason: str, detail: str, on_error: str, stats: SourceStats) -> None:
+    """Count a malformed record under ``reason``, or raise ``ValueError`` naming ``source:number``."""
+    if on_error == "fail":
+        raise ValueError(f"{source}:{number}: {detail}; rerun with --on-error skip to drop such records")
+    logger.debug("%s:%d: dropped (%s)", source, number, detail)
+    stats.drop(reason)
+
+
+_Record = tuple[int, str, Any, Any]  # (line or row number, raw text, doc_id, type)
+
+
+def _counted(source: str, stats: SourceStats, records: Iterator[_Record]) -> Iterator[Document]:
     """NFC-normalize, drop empty texts, update stats; ValueError if nothing was kept."""
     kept = 0
-    for number, text in documents:
+    for number, text, doc_id, kind in records:
         text = unicodedata.normalize("NFC", text)
         if not text.strip():
             stats.drop("empty_document")
@@ -165,13 +256,15 @@ def _counted(path: Path, stats: SourceStats, documents: Iterator[tuple[int, str]
         kept += 1
         stats.documents += 1
         stats.characters += len(text)
-        yield Document(text=text, source=str(path), line=number)
+        if kind is not None:
+            stats.kinds[str(kind)] = stats.kinds.get(str(kind), 0) + 1
+        yield Document(text, source, number, None if doc_id is None else str(doc_id), None if kind is None else str(kind))
     if kept == 0:
-        raise ValueError(f"{path}: no documents found ({stats.lines_read} lines read, dropped: {stats.dropped})")
+        raise ValueError(f"{source}: no documents found ({stats.lines_read} lines read, dropped: {stats.dropped})")
 
 
-def _tsv_documents(lines: _Lines) -> Iterator[tuple[int, str]]:
-    """``text`` column of each row, split as ``csv`` QUOTE_NONE would: every tab separates.
+def _tsv_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
+    """``text_field`` column of each row, split as ``csv`` QUOTE_NONE would: every tab separates.
 
     FLORES text holds bare ``"``, so quoting must be off. ``str.split`` gives the same fields as
     ``csv.reader(..., quoting=csv.QUOTE_NONE)`` but also accepts a stray ``\\r`` inside a field,
@@ -183,21 +276,21 @@ def _tsv_documents(lines: _Lines) -> Iterator[tuple[int, str]]:
             continue
         row = line.split("\t")
         if column is None:
-            column, width = _text_column(lines.path, row), len(row)
+            column, width = _text_column(lines.path, row, text_field), len(row)
         elif len(row) != width:
             lines.reject(number, "bad_tsv_row", f"{len(row)} tab-separated fields, header has {width}")
         else:
-            yield number, row[column]
+            yield number, row[column], None, None
 
 
-def _text_column(path: Path, header: list[str]) -> int:
-    """Index of the ``text`` column; ValueError naming the file otherwise."""
-    if "text" not in header:
-        raise ValueError(f"{path}: no 'text' column in the tab-separated header {header}")
-    return header.index("text")
+def _text_column(path: Path, header: list[str], text_field: str) -> int:
+    """Index of the text column; ValueError naming the file otherwise."""
+    if text_field not in header:
+        raise ValueError(f"{path}: no {text_field!r} column in the tab-separated header {header}")
+    return header.index(text_field)
 
 
-def _txt_documents(lines: _Lines) -> Iterator[tuple[int, str]]:
+def _txt_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
     """Groups of consecutive non-blank lines, joined with ``"\\n"``; blank lines separate documents."""
     start, sentences = 0, []
     for number, line in lines:
@@ -207,29 +300,85 @@ def _txt_documents(lines: _Lines) -> Iterator[tuple[int, str]]:
             start = start or number
             sentences.append(line)
         elif sentences:
-            yield start, "\n".join(sentences)
+            yield start, "\n".join(sentences), None, None
             start, sentences = 0, []
     if sentences:
-        yield start, "\n".join(sentences)
+        yield start, "\n".join(sentences), None, None
 
 
-def _jsonl_documents(lines: _Lines) -> Iterator[tuple[int, str]]:
-    """Field ``text`` of each JSON object; blank lines are skipped."""
-    for number, line in lines:
-        if line is None or not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            lines.reject(number, "bad_json", f"invalid JSON ({err.msg} at column {err.colno})")
-            continue
-        text = record.get("text") if isinstance(record, dict) else None
+def _jsonl_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
+    """JSON objects of the non-blank lines, as records for :func:`_record_documents`."""
+    def records() -> Iterator[tuple[int, Any]]:
+        for number, line in lines:
+            if line is None or not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                lines.reject(number, "bad_json", f"invalid JSON ({err.msg} at column {err.colno})")
+
+    return _record_documents(str(lines.path), records(), text_field, lines.on_error, lines.stats)
+
+
+def _record_documents(source: str, records, text_field: str, on_error: str, stats: SourceStats) -> Iterator[_Record]:
+    """Text, ``doc_id`` and ``type`` of dict records; a record without a string text field is dropped."""
+    for number, record in records:
+        text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            lines.reject(number, "missing_text_field", "no string field 'text'")
+            _reject(source, number, "missing_text_field", f"no string field {text_field!r}", on_error, stats)
+        elif "\x00" in text:
+            _reject(source, number, "nul_byte", "NUL character in the text", on_error, stats)
         elif not _encodable(text):
-            lines.reject(number, "invalid_utf8", "invalid UTF-8 (lone surrogate escape in JSON)")
+            _reject(source, number, "invalid_utf8", "invalid UTF-8 (lone surrogate)", on_error, stats)
         else:
-            yield number, text
+            yield number, text, record.get("doc_id"), record.get("type")
+
+
+def _parquet_records(path: Path, text_field: str, stats: SourceStats) -> Iterator[tuple[int, dict]]:
+    """Rows of a parquet file as dicts of the text, ``doc_id`` and ``type`` columns, one record batch at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses for non-parquet data
+        raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no {text_field!r} column in the parquet schema {names}")
+    columns = [c for c in (text_field, "doc_id", "type") if c in names]
+    number = 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for row in batch.to_pylist():
+            number += 1
+            stats.lines_read += 1
+            yield number, row
+
+
+def _hf_records(name: str, split: str, config_name: str | None, text_field: str, stats: SourceStats) -> Iterator[tuple[int, dict]]:
+    """Rows of a ``datasets`` split: ``load_from_disk`` for a directory, else streaming ``load_dataset``."""
+    dataset = _open_hf_split(name, split, config_name)
+    if dataset.column_names is not None and text_field not in dataset.column_names:
+        raise ValueError(f"hf:{name} [{split}]: no {text_field!r} column (columns: {dataset.column_names})")
+    for number, row in enumerate(dataset, start=1):
+        stats.lines_read += 1
+        yield number, row
+
+
+def _open_hf_split(name: str, split: str, config_name: str | None):
+    """The ``split`` of a saved dataset directory or hub dataset (streaming)."""
+    import datasets
+
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"hf:{name}: no split {split!r} (splits: {sorted(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    try:
+        return datasets.load_dataset(name, config_name, split=split, streaming=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"hf:{name}: not a local dataset directory and not loadable by name ({err})") from None
 
 
 def _encodable(text: str) -> bool:

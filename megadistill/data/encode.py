@@ -1,0 +1,168 @@
+"""Tokenize batches of documents into flat token arrays, in this process or an ordered pool of worker processes.
+
+The worker side of ``tools/binarize.py``: each worker holds one :class:`DocumentEncoder`
+(the teacher tokenizer, the EOS rule, an optional romanizer and the expected script) and
+turns a list of texts into one flat ``int64`` array plus per-document lengths, which pickle
+cheaply back to the writer. :func:`ordered_map` keeps at most ``max_in_flight`` batches
+queued, so memory stays bounded however fast the reader is (``Pool.imap`` would read the
+whole input ahead of the workers).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+# ISO 15924 script -> Unicode block(s), for the mixed-script check of the languages we target.
+SCRIPT_BLOCKS: dict[str, str] = {
+    "Deva": "\u0900-\u097f\ua8e0-\ua8ff", "Beng": "\u0980-\u09ff", "Guru": "\u0a00-\u0a7f",
+    "Gujr": "\u0a80-\u0aff", "Orya": "\u0b00-\u0b7f", "Taml": "\u0b80-\u0bff", "Telu": "\u0c00-\u0c7f",
+    "Knda": "\u0c80-\u0cff", "Mlym": "\u0d00-\u0d7f", "Sinh": "\u0d80-\u0dff", "Olck": "\u1c50-\u1c7f",
+    "Mtei": "\uabc0-\uabff\uaae0-\uaaff", "Arab": "\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff",
+    "Latn": "A-Za-z\u00c0-\u024f\u1e00-\u1eff",
+}
+MIXED_SCRIPT_SHARE = 0.5
+"""A document is counted as mixed-script when under this share of its letters are in the declared script."""
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids of a batch of documents.
+
+    Attributes:
+        ids: int64 [total tokens], the documents' ids concatenated (teacher ids, EOS included).
+        lengths: int64 [documents], tokens per document.
+        romanized_ids, romanized_lengths: the same for the romanized texts, or None.
+        romanize_stats: counters of the romanizer (``RomanizeStats.as_dict()``), or None.
+        mixed_script: batch positions of documents under ``MIXED_SCRIPT_SHARE`` in the declared script.
+        bytes_utf8: UTF-8 bytes of the (native) texts.
+        romanized_characters: code points of the romanized texts (0 without romanization).
+    """
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    romanized_ids: np.ndarray | None = None
+    romanized_lengths: np.ndarray | None = None
+    romanize_stats: dict | None = None
+    mixed_script: list[int] = field(default_factory=list)
+    bytes_utf8: int = 0
+    romanized_characters: int = 0
+
+
+class DocumentEncoder:
+    """Tokenizer + EOS rule + optional romanizer for one output dataset (picklable to worker processes).
+
+    Args:
+        tokenizer: Hugging Face fast tokenizer (the teacher's).
+        eos_suffix: ids appended to each document: ``[eos_id]``, or ``[]`` when the tokenizer adds EOS.
+        script: ISO 15924 code the texts should be in (``"Deva"``), or None to skip the check.
+        romanizer: a :class:`megadistill.data.romanize.Romanizer`, or None.
+        native: also encode the native text (False: only the romanized one is written).
+    """
+
+    def __init__(self, tokenizer: Any, eos_suffix: list[int], script: str | None = None, romanizer: Any = None,
+                 native: bool = True) -> None:
+        self.tokenizer, self.eos_suffix, self.script = tokenizer, list(eos_suffix), script
+        self.romanizer, self.native = romanizer, native
+        block = SCRIPT_BLOCKS.get(script or "")
+        self._native_chars = re.compile(f"[{block}]") if block else None
+
+    def encode(self, texts: list[str]) -> EncodedBatch:
+        """Encode a batch of NFC texts (see :class:`EncodedBatch`)."""
+        batch = EncodedBatch(*self._ids(texts if self.native else []))
+        batch.bytes_utf8 = sum(len(t.encode("utf-8")) for t in texts)
+        batch.mixed_script = self._mixed_script(texts)
+        if self.romanizer is not None:
+            from megadistill.data.romanize import RomanizeStats
+
+            stats = RomanizeStats()
+            romanized = [self.romanizer.romanize(t, stats) for t in texts]
+            batch.romanized_ids, batch.romanized_lengths = self._ids(romanized)
+            batch.romanize_stats, batch.romanized_characters = stats.as_dict(), sum(map(len, romanized))
+        return batch
+
+    def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Flat int64 ids and int64 lengths of ``tokenizer(texts) + eos_suffix``."""
+        if not texts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        docs = [ids + self.eos_suffix for ids in encoded] if self.eos_suffix else encoded
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        ids = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
+        return ids, lengths
+
+    def _mixed_script(self, texts: list[str]) -> list[int]:
+        """Positions of texts whose letters are mostly outside the declared script."""
+        if self._native_chars is None:
+            return []
+        mixed = []
+        for i, text in enumerate(texts):
+            letters = len(_LETTER.findall(text))
+            if letters and len(self._native_chars.findall(text)) < MIXED_SCRIPT_SHARE * letters:
+                mixed.append(i)
+        return mixed
+
+
+_WORKER_ENCODER: DocumentEncoder | None = None
+
+
+def _init_worker(encoder: DocumentEncoder, threads: int) -> None:
+    """Pool initializer: keep the encoder; one tokenizer thread per worker so N workers use N cores."""
+    global _WORKER_ENCODER
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if threads == 1 else "true"
+    _WORKER_ENCODER = encoder
+
+
+def _encode_in_worker(texts: list[str]) -> EncodedBatch:
+    assert _WORKER_ENCODER is not None, "worker pool was not initialized"
+    return _WORKER_ENCODER.encode(texts)
+
+
+def encode_batches(encoder: DocumentEncoder, batches: Iterable[list[str]], workers: int,
+                   max_in_flight: int | None = None) -> Iterator[EncodedBatch]:
+    """Encode ``batches`` in order, in this process (``workers=0``) or in ``workers`` spawned processes.
+
+    Args:
+        encoder: sent once to each worker.
+        batches: lists of texts; consumed lazily, at most ``max_in_flight`` batches ahead
+            (default ``4 * workers``) of the results yielded.
+        workers: worker processes; 0 encodes in the calling process (the fast tokenizer
+            then uses its own thread pool).
+    Yields:
+        One :class:`EncodedBatch` per input batch, in input order.
+    Raises:
+        ValueError: ``workers < 0``.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        yield from map(encoder.encode, batches)
+        return
+    yield from ordered_map(_encode_in_worker, batches, workers, max_in_flight or 4 * workers,
+                           initializer=_init_worker, initargs=(encoder, 1))
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, max_in_flight: int, *, initializer=None,
+                initargs: tuple = ()) -> Iterator:
+    """``map(fn, items)`` over a spawned process pool, in order, with at most ``max_in_flight`` items queued.
+
+    ``spawn`` (not ``fork``): forking after the fast tokenizer has used its thread pool can deadlock.
+    """
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= max_in_flight:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
