@@ -34,7 +34,7 @@ def hin_dev(sib200_dir, tiny_tokenizer, tmp_path_factory):
 
     prefix = tmp_path_factory.mktemp("corpus") / "hin_Deva"
     meta = binarize_tool.binarize(
-        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(batch_size_docs=16), show_progress=False
+        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(block_bytes=2048), show_progress=False
     )
     return prefix, meta, read_sib200_texts(sib200_dir, "hin_Deva", "dev")
 

@@ -34,12 +34,14 @@ except ImportError:  # run as `python tools/binarize.py` from a checkout without
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import megadistill
 
+import numpy as np
 from tqdm import tqdm
 
 from megadistill.data.dedup import HashSet, dedup_sentences
 from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
 from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
-from megadistill.data.sources import DEFAULT_MAX_LINE_BYTES, Document, SourceStats, corpus_format, language_from_path, read_documents
+from megadistill.data.sources import (DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, Block, SourceStats, corpus_format,
+                                      language_from_path, no_documents_error, read_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ class BinarizeOptions:
 
     Attributes:
         on_error: ``"skip"`` drops and counts malformed records; ``"fail"`` (``--strict``) stops at the first.
-        batch_size_docs: documents per tokenizer call (and per message to a worker).
         workers: tokenizer processes; 0 tokenizes in the calling process.
         dedup: drop sentences (lines) seen before anywhere in this output; a document left empty is dropped.
         romanize: an ``indic-transliteration`` scheme (``iso``, ``iast``, ``itrans``, ``hk``, ...)
@@ -61,24 +62,27 @@ class BinarizeOptions:
         romanize_only: write only the romanized dataset.
         text_field: column / JSON field with the text (tsv, jsonl, parquet, datasets).
         max_line_bytes: longer physical lines are dropped as ``line_too_long`` (bytes).
+        block_bytes: raw bytes per unit of work sent to a tokenizer process (text formats).
+        rows_per_block: rows per unit of work (parquet, datasets).
         hf_split, hf_config: split / configuration of ``hf:`` inputs.
     """
 
     on_error: str = "skip"
-    batch_size_docs: int = 256
     workers: int = 0
     dedup: bool = False
     romanize: str | None = None
     romanize_only: bool = False
     text_field: str = "text"
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    rows_per_block: int = 1024
     hf_split: str = "train"
     hf_config: str | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the bad field."""
-        if self.batch_size_docs < 1:
-            raise ValueError(f"batch_size_docs must be >= 1, got {self.batch_size_docs}")
+        if self.block_bytes < 1 or self.rows_per_block < 1:
+            raise ValueError(f"block_bytes and rows_per_block must be >= 1, got {self.block_bytes}, {self.rows_per_block}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.romanize_only and not self.romanize:
@@ -117,7 +121,6 @@ class _Totals:
     mixed_script: int = 0
     mixed_examples: list[str] = field(default_factory=list)
     romanize: dict[str, int] = field(default_factory=dict)
-    stats: list[SourceStats] = field(default_factory=list)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
@@ -125,52 +128,29 @@ class _Totals:
 
 
 class _Reader:
-    """Documents of all inputs, deduplicated if asked, in batches of texts; remembers each batch's locations."""
+    """Blocks of all inputs in order (:func:`read_blocks`); remembers which input each block in flight came from."""
 
-    def __init__(self, inputs: list, options: BinarizeOptions, totals: _Totals) -> None:
-        self.inputs, self.options, self.totals = inputs, options, totals
-        self.seen = HashSet() if options.dedup else None
-        self.locations: deque[list[str]] = deque()  # one list of "file:line" per batch in flight
-        self.sources: list[dict] = []
+    def __init__(self, inputs: list, options: BinarizeOptions) -> None:
+        self.inputs, self.options = inputs, options
+        self.stats = [SourceStats() for _ in inputs]  # per input: framing counts here + parse counts from workers
+        self.block_inputs: deque[int] = deque()
 
-    def batches(self) -> Iterator[list[str]]:
-        """Lists of at most ``batch_size_docs`` NFC texts, in input order."""
-        texts, where = [], []
-        for doc in self._documents():
-            texts.append(doc.text)
-            where.append(f"{doc.source}:{doc.line}")
-            if len(texts) == self.options.batch_size_docs:
-                self.locations.append(where)
-                yield texts
-                texts, where = [], []
-        if texts:
-            self.locations.append(where)
-            yield texts
+    def blocks(self) -> Iterator[Block]:
+        opts = self.options
+        for i, path in enumerate(self.inputs):
+            for block in read_blocks(path, on_error=opts.on_error, stats=self.stats[i], text_field=opts.text_field,
+                                     max_line_bytes=opts.max_line_bytes, block_bytes=opts.block_bytes,
+                                     rows_per_block=opts.rows_per_block,
+                                     split=opts.hf_split, config_name=opts.hf_config):
+                self.block_inputs.append(i)
+                yield block
 
-    def _documents(self) -> Iterator[Document]:
-        for path in self.inputs:
-            stats = SourceStats()
-            self.totals.stats.append(stats)
-            opts = self.options
-            docs = read_documents(path, on_error=opts.on_error, stats=stats, text_field=opts.text_field,
-                                  max_line_bytes=opts.max_line_bytes, split=opts.hf_split, config_name=opts.hf_config)
-            kept = yield from self._deduplicated(docs)
-            self.sources.append(_source_entry(path, stats, kept))
-
-    def _deduplicated(self, docs: Iterable[Document]):
-        """Yield documents with repeated sentences removed; returns the number yielded."""
-        kept = 0
-        for doc in docs:
-            if self.seen is not None:
-                doc.text, dropped = dedup_sentences(doc.text, self.seen)
-                self.totals.drop("duplicate_sentence", dropped)
-                if not doc.text.strip():
-                    self.totals.drop("duplicate_document")
-                    continue
-            kept += 1
-            self.totals.characters += len(doc.text)
-            yield doc
-        return kept
+    def sources(self, kept: list[int]) -> list[dict[str, Any]]:
+        """Provenance entries of the inputs; ValueError for an input that yielded no document."""
+        for path, stats in zip(self.inputs, self.stats):
+            if stats.documents == 0:
+                raise no_documents_error(str(path), stats)
+        return [_source_entry(path, stats, n) for path, stats, n in zip(self.inputs, self.stats, kept)]
 
 
 def _source_entry(path, stats: SourceStats, kept: int) -> dict[str, Any]:
@@ -180,6 +160,88 @@ def _source_entry(path, stats: SourceStats, kept: int) -> dict[str, Any]:
     if stats.kinds:
         entry["types"] = dict(sorted(stats.kinds.items()))
     return entry
+
+
+def _merge_stats(into: SourceStats, other: SourceStats) -> None:
+    """Add a worker's block counters to an input's counters."""
+    into.documents += other.documents
+    into.lines_read += other.lines_read
+    into.characters += other.characters
+    for reason, n in other.dropped.items():
+        into.drop(reason, n)
+    for kind, n in other.kinds.items():
+        into.kinds[kind] = into.kinds.get(kind, 0) + n
+
+
+def _deduplicate(batch: EncodedBatch, seen: HashSet, encoder: DocumentEncoder, totals: _Totals) -> EncodedBatch:
+    """Drop sentences seen before from the batch's documents (re-encoding only the documents that changed).
+
+    Returns a batch with ``stats.documents`` / ``characters`` / ``bytes_utf8`` describing what is written.
+    """
+    changed: dict[int, str] = {}
+    for i, (text, hashes) in enumerate(zip(batch.texts, batch.sentence_hashes)):
+        fresh = [seen.add_new(int(h)) for h in hashes]
+        if not all(fresh):
+            totals.drop("duplicate_sentence", fresh.count(False))
+            flags = iter(fresh)
+            kept = "\n".join(line for line in text.split("\n") if not line.strip() or next(flags))
+            changed[i] = kept if any(fresh) else ""
+    if not changed:
+        return batch
+    rebuilt_texts = [t for t in changed.values() if t.strip()]
+    rebuilt = encoder.encode_texts(rebuilt_texts)
+    return _assemble(batch, changed, rebuilt, totals)
+
+
+def _assemble(batch: EncodedBatch, changed: dict[int, str], rebuilt: EncodedBatch, totals: _Totals) -> EncodedBatch:
+    """The batch with changed documents replaced by their re-encoded versions and emptied ones removed.
+
+    Counts describe what is written, except ``romanize_stats`` and ``mixed_script``, which stay
+    those of the documents as read.
+    """
+    old, new = _per_document(batch), _per_document(rebuilt)
+    fresh = iter(range(len(rebuilt.lengths if rebuilt.lengths is not None else rebuilt.romanized_lengths)))
+    rows, characters, utf8 = [], batch.stats.characters, batch.bytes_utf8
+    for i, text in enumerate(batch.texts):
+        if i not in changed:
+            rows.append(old[i])
+            continue
+        characters += len(changed[i]) - len(text)
+        utf8 += len(changed[i].encode("utf-8")) - len(text.encode("utf-8"))
+        if changed[i].strip():
+            rows.append(new[next(fresh)])
+        else:
+            totals.drop("duplicate_document")
+    columns = list(zip(*rows)) if rows else [[], [], []]
+    ids, lengths = _flat(columns[0]) if batch.lengths is not None else (None, None)
+    rom_ids, rom_lengths = _flat(columns[1]) if batch.romanized_lengths is not None else (None, None)
+    result = EncodedBatch(ids, lengths, rom_ids, rom_lengths, romanize_stats=batch.romanize_stats,
+                          mixed_script=batch.mixed_script, locations=batch.locations, stats=batch.stats, bytes_utf8=utf8)
+    if batch.romanized_char_counts is not None:
+        result.romanized_char_counts = np.array(columns[2], dtype=np.int64)
+        result.romanized_characters = int(result.romanized_char_counts.sum())
+    result.stats.characters = characters
+    return result
+
+
+def _per_document(batch: EncodedBatch) -> list[tuple]:
+    """``(ids, romanized_ids, romanized_characters)`` per document of a batch (None where absent)."""
+    def split(ids, lengths):
+        return np.split(ids, np.cumsum(lengths)[:-1]) if lengths is not None and len(lengths) else None
+
+    native, romanized = split(batch.ids, batch.lengths), split(batch.romanized_ids, batch.romanized_lengths)
+    n = len(native if native is not None else romanized or [])
+    counts = batch.romanized_char_counts
+    return [(native[i] if native is not None else None, romanized[i] if romanized is not None else None,
+             int(counts[i]) if counts is not None else 0) for i in range(n)]
+
+
+def _flat(docs: list[np.ndarray] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Concatenated ids and lengths of a list of per-document arrays (None stays None)."""
+    if docs is None:
+        return None, None
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    return (np.concatenate(docs) if docs else np.zeros(0, np.int64)), lengths
 
 
 def binarize(
@@ -228,23 +290,31 @@ def binarize(
     language, script = _language(inputs[0], language, script)
     bos_id, eos_id, adds_bos, adds_eos = special_token_layout(tokenizer)
     encoder = DocumentEncoder(tokenizer, [] if adds_eos else [eos_id], script, _romanizer(script, options),
-                              native=not options.romanize_only)
+                              native=not options.romanize_only, dedup=options.dedup)
     prefixes = _output_prefixes(output_prefix, options)
     totals = _Totals(tokens={kind: 0 for kind in prefixes})
-    reader = _Reader(list(inputs), options, totals)
+    reader = _Reader(list(inputs), options)
+    kept = [0] * len(inputs)
     dtype = token_dtype_for_vocab(len(tokenizer))
+    seen = HashSet() if options.dedup else None
     with ExitStack() as stack:
         writers = {kind: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for kind, prefix in prefixes.items()}
         bar = stack.enter_context(tqdm(unit="doc", file=sys.stderr, disable=not show_progress, desc=output_prefix.name))
         started = time.perf_counter()
-        for batch in encode_batches(encoder, reader.batches(), options.workers):
-            _write_batch(batch, reader.locations.popleft(), writers, totals)
-            bar.update(len(batch.lengths if encoder.native else batch.romanized_lengths))
+        for batch in encode_batches(encoder, reader.blocks(), options.workers):
+            source = reader.block_inputs.popleft()
+            if seen is not None:
+                batch = _deduplicate(batch, seen, encoder, totals)
+            _merge_stats(reader.stats[source], batch.stats)
+            kept[source] += _write_batch(batch, writers, totals)
+            bar.update(batch.stats.documents)
             tok_s = sum(totals.tokens.values()) / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(tokens=f"{sum(totals.tokens.values()):,}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        sources = reader.sources(kept)
         for prefix in prefixes.values():
             Path(f"{prefix}.json").unlink(missing_ok=True)
-    base = _provenance(tokenizer, tokenizer_name, totals, reader.sources, dtype.name, bos_id, adds_bos, language, script)
+    base = _provenance(tokenizer, tokenizer_name, totals, reader.stats, sources, dtype.name, bos_id, adds_bos,
+                       language, script)
     metas = {kind: _output_meta(base, kind, totals, prefixes, options) for kind in prefixes}
     for kind, prefix in prefixes.items():
         write_provenance(prefix, metas[kind])
@@ -280,8 +350,8 @@ def _output_prefixes(output_prefix: Path, options: BinarizeOptions) -> dict[str,
     return prefixes
 
 
-def _write_batch(batch: EncodedBatch, locations: list[str], writers: dict, totals: _Totals) -> None:
-    """Append an encoded batch to the writers and fold its counters into ``totals``."""
+def _write_batch(batch: EncodedBatch, writers: dict, totals: _Totals) -> int:
+    """Append an encoded batch to the writers and fold its counters into ``totals``; returns documents written."""
     if "native" in writers:
         writers["native"].add_documents(batch.ids, batch.lengths)
         totals.tokens["native"] += len(batch.ids)
@@ -290,18 +360,22 @@ def _write_batch(batch: EncodedBatch, locations: list[str], writers: dict, total
         totals.tokens["romanized"] += len(batch.romanized_ids)
         totals.romanized_characters += batch.romanized_characters
         for key, value in (batch.romanize_stats or {}).items():
-            totals.romanize[key] = totals.romanize.get(key, 0) + value
-    totals.documents += len(locations)
+            if isinstance(value, (int, float)):
+                totals.romanize[key] = totals.romanize.get(key, 0) + value
+    written = len(batch.lengths if batch.lengths is not None else batch.romanized_lengths)
+    totals.documents += written
+    totals.characters += batch.stats.characters
     totals.bytes_utf8 += batch.bytes_utf8
     totals.mixed_script += len(batch.mixed_script)
-    room = _EXAMPLES - len(totals.mixed_examples)
-    totals.mixed_examples += [locations[i] for i in batch.mixed_script[:max(room, 0)]]
+    room = max(_EXAMPLES - len(totals.mixed_examples), 0)
+    totals.mixed_examples += batch.locations[:room]
+    return written
 
 
-def _provenance(tokenizer, tokenizer_name, totals: _Totals, sources: list, dtype: str, bos_id, adds_bos: bool,
-                language, script) -> dict[str, Any]:
+def _provenance(tokenizer, tokenizer_name, totals: _Totals, stats: list[SourceStats], sources: list, dtype: str,
+                bos_id, adds_bos: bool, language, script) -> dict[str, Any]:
     """Provenance shared by the native and romanized outputs, in the documented key order."""
-    dropped = _merge_counts([s.dropped for s in totals.stats] + [totals.dropped])
+    dropped = _merge_counts([s.dropped for s in stats] + [totals.dropped])
     return {
         "format": FORMAT_NAME,
         "tokenizer": {
@@ -371,7 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lang", help="ISO 639-3 code (default: from the input's path, e.g. hin_Deva)")
     parser.add_argument("--script", help="ISO 15924 script (default: from the input's path)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: tokenize in this process)")
-    parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
+    parser.add_argument("--block-bytes", type=int, default=DEFAULT_BLOCK_BYTES, help="raw bytes per unit of work (text formats)")
+    parser.add_argument("--rows-per-block", type=int, default=1024, help="rows per unit of work (parquet, hf:)")
     parser.add_argument("--dedup", action="store_true", help="drop exact repeats of a sentence (line)")
     parser.add_argument("--romanize", metavar="SCHEME", help="also write PREFIX.SCHEME romanized with indic-transliteration")
     parser.add_argument("--romanize-only", action="store_true", help="write only the romanized dataset")
@@ -389,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def options_from_args(args: argparse.Namespace) -> BinarizeOptions:
     """:class:`BinarizeOptions` of the parsed command line."""
     return BinarizeOptions(
-        on_error="fail" if args.strict else args.on_error, batch_size_docs=args.batch_size, workers=args.workers,
+        on_error="fail" if args.strict else args.on_error, block_bytes=args.block_bytes, rows_per_block=args.rows_per_block, workers=args.workers,
         dedup=args.dedup, romanize=args.romanize, romanize_only=args.romanize_only, text_field=args.text_field,
         max_line_bytes=args.max_line_bytes, hf_split=args.hf_split, hf_config=args.hf_config,
     )

@@ -1,9 +1,10 @@
-"""Tokenize batches of documents into flat token arrays, in this process or an ordered pool of worker processes.
+"""Parse and tokenize corpus blocks into flat token arrays, in this process or an ordered pool of worker processes.
 
 The worker side of ``tools/binarize.py``: each worker holds one :class:`DocumentEncoder`
 (the teacher tokenizer, the EOS rule, an optional romanizer and the expected script) and
-turns a list of texts into one flat ``int64`` array plus per-document lengths, which pickle
-cheaply back to the writer. :func:`ordered_map` keeps at most ``max_in_flight`` batches
+turns a :class:`megadistill.data.sources.Block` of raw lines or rows into one flat ``int64``
+array plus per-document lengths, which pickle cheaply back to the writer; decoding, JSON
+parsing and NFC run in the workers too, so the reading process only frames bytes. :func:`ordered_map` keeps at most ``max_in_flight`` batches
 queued, so memory stays bounded however fast the reader is (``Pool.imap`` would read the
 whole input ahead of the workers).
 """
@@ -19,6 +20,9 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+
+from megadistill.data.dedup import sentence_hash
+from megadistill.data.sources import Block, SourceStats, parse_block
 
 # ISO 15924 script -> Unicode block(s), for the mixed-script check of the languages we target.
 SCRIPT_BLOCKS: dict[str, str] = {
@@ -38,46 +42,126 @@ class EncodedBatch:
     """Token ids of a batch of documents.
 
     Attributes:
-        ids: int64 [total tokens], the documents' ids concatenated (teacher ids, EOS included).
-        lengths: int64 [documents], tokens per document.
+        ids: int64 [total tokens], the documents' ids concatenated (teacher ids, EOS included); None
+            when only the romanized text is encoded.
+        lengths: int64 [documents], tokens per document (or None, as ``ids``).
         romanized_ids, romanized_lengths: the same for the romanized texts, or None.
         romanize_stats: counters of the romanizer (``RomanizeStats.as_dict()``), or None.
         mixed_script: batch positions of documents under ``MIXED_SCRIPT_SHARE`` in the declared script.
         bytes_utf8: UTF-8 bytes of the (native) texts.
         romanized_characters: code points of the romanized texts (0 without romanization).
+        romanized_char_counts: int64 [documents], code points of each romanized text, or None.
+        stats: reading counters of the block (documents, lines, characters, dropped).
+        locations: ``"file:line"`` of the documents flagged as mixed-script (at most 5).
+        texts, sentence_hashes: with dedup only: the NFC texts, and per document a uint64
+            array of the hashes of its non-blank lines (:func:`megadistill.data.dedup.sentence_hash`).
     """
 
-    ids: np.ndarray
-    lengths: np.ndarray
+    ids: np.ndarray | None
+    lengths: np.ndarray | None
     romanized_ids: np.ndarray | None = None
     romanized_lengths: np.ndarray | None = None
     romanize_stats: dict | None = None
     mixed_script: list[int] = field(default_factory=list)
     bytes_utf8: int = 0
     romanized_characters: int = 0
+    romanized_char_counts: np.ndarray | None = None
+    stats: SourceStats = field(default_factory=SourceStats)
+    locations: list[str] = field(default_factory=list)
+    texts: list[str] | None = None
+    sentence_hashes: list[np.ndarray] | None = None
+
+
+class TokenizerHandle:
+    """Picklable batch encoder: the fast tokenizer's ``tokenizers`` backend, shipped as JSON.
+
+    Workers rebuild it with ``tokenizers.Tokenizer.from_str`` (no ``transformers`` import) and
+    call ``encode_batch_fast`` (no offsets), ~1.6x faster than ``tokenizer(texts)`` on Gemma 3.
+    The backend copy has truncation and padding off. A tokenizer without a backend (slow
+    tokenizers), or whose backend gives other ids than ``tokenizer(text)`` on a probe text, is
+    pickled as it is and called normally.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+    """
+
+    _PROBE = "Hello world, नमस्ते दुनिया। ওড়িয়া ᱥᱟᱱᱛᱟᱲᱤ 123"
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._json = backend.to_str() if backend is not None else None
+        self._slow = None
+        self._backend = self._load()
+        if self._backend is not None and self.encode([self._PROBE]) != [tokenizer(self._PROBE, add_special_tokens=True)["input_ids"]]:
+            self._json, self._backend = None, None
+        if self._backend is None:
+            self._slow = tokenizer
+
+    def _load(self):
+        if self._json is None:
+            return None
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self._json)
+        backend.no_truncation()
+        backend.no_padding()
+        return backend
+
+    def __getstate__(self) -> dict:
+        return {"json": self._json, "slow": self._slow}
+
+    def __setstate__(self, state: dict) -> None:
+        self._json, self._slow = state["json"], state["slow"]
+        self._backend = self._load()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text with the tokenizer's special tokens (BOS/EOS as its post-processor adds)."""
+        if self._backend is None:
+            return self._slow(texts, add_special_tokens=True)["input_ids"]
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
 
 
 class DocumentEncoder:
-    """Tokenizer + EOS rule + optional romanizer for one output dataset (picklable to worker processes).
+    """Parser + tokenizer + EOS rule + optional romanizer for one output dataset (picklable to worker processes).
 
     Args:
-        tokenizer: Hugging Face fast tokenizer (the teacher's).
+        tokenizer: Hugging Face tokenizer (the teacher's), fast preferably.
         eos_suffix: ids appended to each document: ``[eos_id]``, or ``[]`` when the tokenizer adds EOS.
         script: ISO 15924 code the texts should be in (``"Deva"``), or None to skip the check.
         romanizer: a :class:`megadistill.data.romanize.Romanizer`, or None.
         native: also encode the native text (False: only the romanized one is written).
+        dedup: return the texts and their sentence hashes for the writer's deduplication.
     """
 
     def __init__(self, tokenizer: Any, eos_suffix: list[int], script: str | None = None, romanizer: Any = None,
-                 native: bool = True) -> None:
-        self.tokenizer, self.eos_suffix, self.script = tokenizer, list(eos_suffix), script
-        self.romanizer, self.native = romanizer, native
+                 native: bool = True, dedup: bool = False) -> None:
+        self.tokenizer, self.eos_suffix, self.script = TokenizerHandle(tokenizer), list(eos_suffix), script
+        self.romanizer, self.native, self.dedup = romanizer, native, dedup
         block = SCRIPT_BLOCKS.get(script or "")
         self._native_chars = re.compile(f"[{block}]") if block else None
 
-    def encode(self, texts: list[str]) -> EncodedBatch:
-        """Encode a batch of NFC texts (see :class:`EncodedBatch`)."""
-        batch = EncodedBatch(*self._ids(texts if self.native else []))
+    def encode(self, block: Block) -> EncodedBatch:
+        """Parse a block (:func:`megadistill.data.sources.parse_block`) and encode its documents.
+
+        Raises:
+            ValueError: a malformed record with ``on_error="fail"`` (names ``file:line``).
+        """
+        stats = SourceStats()
+        docs = list(parse_block(block, stats))
+        texts = [doc.text for doc in docs]
+        batch = self.encode_texts(texts)
+        batch.stats = stats
+        batch.locations = [f"{docs[i].source}:{docs[i].line}" for i in batch.mixed_script[:5]]
+        if self.dedup:
+            batch.texts = texts
+            batch.sentence_hashes = [np.array([sentence_hash(line) for line in text.split("\n") if line.strip()],
+                                              dtype=np.uint64) for text in texts]
+        return batch
+
+    def encode_texts(self, texts: list[str]) -> EncodedBatch:
+        """Encode NFC texts (see :class:`EncodedBatch`; ``stats`` stays empty)."""
+        batch = EncodedBatch(*(self._ids(texts) if self.native else (None, None)))
         batch.bytes_utf8 = sum(len(t.encode("utf-8")) for t in texts)
         batch.mixed_script = self._mixed_script(texts)
         if self.romanizer is not None:
@@ -86,14 +170,15 @@ class DocumentEncoder:
             stats = RomanizeStats()
             romanized = [self.romanizer.romanize(t, stats) for t in texts]
             batch.romanized_ids, batch.romanized_lengths = self._ids(romanized)
-            batch.romanize_stats, batch.romanized_characters = stats.as_dict(), sum(map(len, romanized))
+            batch.romanized_char_counts = np.fromiter(map(len, romanized), dtype=np.int64, count=len(romanized))
+            batch.romanize_stats, batch.romanized_characters = stats.as_dict(), int(batch.romanized_char_counts.sum())
         return batch
 
     def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Flat int64 ids and int64 lengths of ``tokenizer(texts) + eos_suffix``."""
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        encoded = self.tokenizer.encode(texts)
         docs = [ids + self.eos_suffix for ids in encoded] if self.eos_suffix else encoded
         lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
         ids = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
@@ -105,8 +190,9 @@ class DocumentEncoder:
             return []
         mixed = []
         for i, text in enumerate(texts):
-            letters = len(_LETTER.findall(text))
-            if letters and len(self._native_chars.findall(text)) < MIXED_SCRIPT_SHARE * letters:
+            letters = len(text) - len(_LETTER.sub("", text))
+            native = len(text) - len(self._native_chars.sub("", text))
+            if letters and native < MIXED_SCRIPT_SHARE * letters:
                 mixed.append(i)
         return mixed
 
@@ -122,18 +208,18 @@ def _init_worker(encoder: DocumentEncoder, threads: int) -> None:
     _WORKER_ENCODER = encoder
 
 
-def _encode_in_worker(texts: list[str]) -> EncodedBatch:
+def _encode_in_worker(block: Block) -> EncodedBatch:
     assert _WORKER_ENCODER is not None, "worker pool was not initialized"
-    return _WORKER_ENCODER.encode(texts)
+    return _WORKER_ENCODER.encode(block)
 
 
-def encode_batches(encoder: DocumentEncoder, batches: Iterable[list[str]], workers: int,
+def encode_batches(encoder: DocumentEncoder, batches: Iterable[Block], workers: int,
                    max_in_flight: int | None = None) -> Iterator[EncodedBatch]:
     """Encode ``batches`` in order, in this process (``workers=0``) or in ``workers`` spawned processes.
 
     Args:
         encoder: sent once to each worker.
-        batches: lists of texts; consumed lazily, at most ``max_in_flight`` batches ahead
+        batches: corpus blocks; consumed lazily, at most ``max_in_flight`` batches ahead
             (default ``4 * workers``) of the results yielded.
         workers: worker processes; 0 encodes in the calling process (the fast tokenizer
             then uses its own thread pool).

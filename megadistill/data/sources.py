@@ -30,7 +30,9 @@ HF_PREFIX = "hf:"
 ON_ERROR = ("skip", "fail")
 DEFAULT_MAX_LINE_BYTES = 4 * 2**20
 """Longest accepted physical line (bytes); longer lines are skipped unread (a corrupt or non-text file)."""
-_PARQUET_BATCH_ROWS = 1024
+DEFAULT_BLOCK_BYTES = 2**20
+"""Raw bytes per :class:`Block` (text formats): the unit of work shipped to a tokenizer process."""
+_MAX_DOCUMENT_BYTES = 64 * 2**20
 # FLORES-200 / SIB-200 language code: ISO 639-3 + "_" + ISO 15924 script (hin_Deva, sat_Olck).
 _LANG_SCRIPT = re.compile(r"(?<![A-Za-z])([a-z]{3})_([A-Z][a-z]{3})(?![A-Za-z])")
 
@@ -125,7 +127,7 @@ def read_documents(
     split: str = "train",
     config_name: str | None = None,
 ) -> Iterator[Document]:
-    """Yield the documents of one corpus, lazily.
+    """Yield the documents of one corpus, lazily (:func:`read_blocks` then :func:`parse_block`).
 
     Formats (inferred from the suffix, under an optional ``.gz``/``.xz``/``.bz2``, unless ``fmt`` is given):
       * ``tsv``: header row with a ``text`` column, tab separated, no quoting (SIB-200, FLORES);
@@ -153,85 +155,212 @@ def read_documents(
             compressed file, or a corpus that yields no document (while iterating).
             Messages start with ``file`` or ``file:line``.
     """
+    stats = stats if stats is not None else SourceStats()
+    blocks = read_blocks(path, fmt, on_error=on_error, stats=stats, text_field=text_field,
+                         max_line_bytes=max_line_bytes, split=split, config_name=config_name)
+    return _all_documents(str(path), blocks, stats)
+
+
+def _all_documents(source: str, blocks: Iterator["Block"], stats: SourceStats) -> Iterator[Document]:
+    before = stats.documents
+    for block in blocks:
+        yield from parse_block(block, stats)
+    if stats.documents == before:
+        raise no_documents_error(source, stats)
+
+
+def no_documents_error(source: str, stats: SourceStats) -> ValueError:
+    """The error for a corpus that yielded no document (names the file and what was dropped)."""
+    return ValueError(f"{source}: no documents found ({stats.lines_read} lines read, dropped: {stats.dropped})")
+
+
+@dataclass
+class Block:
+    """Consecutive undecoded records of one corpus: the unit a tokenizer process parses and encodes.
+
+    Text formats carry raw lines, cut only between documents (after a blank line for ``txt``),
+    so :func:`parse_block` needs nothing but the block; parquet and datasets carry dict rows.
+
+    Attributes:
+        source: the corpus path or ``hf:`` spec, as given.
+        fmt: format name (see :func:`corpus_format`).
+        first_line: 1-based line (or row) number of the first entry.
+        lines: raw lines with their newline; ``None`` stands for an over-long line already
+            dropped by the reader (numbering stays right). ``None`` for row formats.
+        rows: dict records (parquet, datasets), else ``None``.
+        column, width: text column index and field count of the tsv header (tsv only).
+        on_error, text_field: as :func:`read_documents`.
+    """
+
+    source: str
+    fmt: str
+    first_line: int
+    lines: list[bytes | None] | None = None
+    rows: list[dict] | None = None
+    column: int = 0
+    width: int = 0
+    on_error: str = "skip"
+    text_field: str = "text"
+
+
+def read_blocks(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    on_error: str = "skip",
+    stats: SourceStats | None = None,
+    text_field: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    rows_per_block: int = 1024,
+    split: str = "train",
+    config_name: str | None = None,
+) -> Iterator[Block]:
+    """Cut a corpus into :class:`Block` s of about ``block_bytes`` raw bytes (or ``rows_per_block`` rows), lazily.
+
+    Only framing happens here (lines, the tsv header, over-long lines, decompression); decoding,
+    parsing and NFC happen in :func:`parse_block`, which may run in another process. A ``txt``
+    document longer than 64 MiB is split at a line boundary (with a warning) to bound memory.
+
+    Args and raises: as :func:`read_documents`; ``block_bytes`` is the target block size in bytes.
+    """
     fmt = corpus_format(path, fmt)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     stats = stats if stats is not None else SourceStats()
+    base = dict(source=str(path), fmt=fmt, on_error=on_error, text_field=text_field)
     if fmt == "hf":
-        records = _hf_records(str(path)[len(HF_PREFIX):], split, config_name, text_field, stats)
-        return _counted(str(path), stats, _record_documents(str(path), records, text_field, on_error, stats))
+        return _row_blocks(_hf_records(str(path)[len(HF_PREFIX):], split, config_name, text_field), base, rows_per_block)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus file not found")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes)")
     if fmt == "parquet":
-        return _counted(str(path), stats, _record_documents(str(path), _parquet_records(path, text_field, stats),
-                                                            text_field, on_error, stats))
-    lines = _Lines(path, on_error, stats, max_line_bytes)
-    reader = {"tsv": _tsv_documents, "txt": _txt_documents, "jsonl": _jsonl_documents}[fmt]
-    return _counted(str(path), stats, reader(lines, text_field))
+        return _row_blocks(_parquet_records(path, text_field, rows_per_block), base, rows_per_block)
+    return _line_blocks(path, base, stats, max_line_bytes, block_bytes)
 
 
-class _Lines:
-    """Decoded lines of one (possibly compressed) file with their 1-based numbers; records drops in ``stats``."""
+def _row_blocks(rows: Iterator[tuple[int, dict]], base: dict, rows_per_block: int) -> Iterator[Block]:
+    """Blocks of ``rows_per_block`` consecutive rows."""
+    chunk: list[dict] = []
+    first = 1
+    for number, row in rows:
+        if not chunk:
+            first = number
+        chunk.append(row)
+        if len(chunk) == rows_per_block:
+            yield Block(first_line=first, rows=chunk, **base)
+            chunk = []
+    if chunk:
+        yield Block(first_line=first, rows=chunk, **base)
 
-    def __init__(self, path: Path, on_error: str, stats: SourceStats, max_line_bytes: int) -> None:
-        self.path, self.on_error, self.stats, self.max_line_bytes = path, on_error, stats, max_line_bytes
 
-    def __iter__(self) -> Iterator[tuple[int, str | None]]:
-        """``(line_number, text)``; text is ``None`` for a dropped line (invalid UTF-8, NUL, too long)."""
-        opener = COMPRESSION.get(self.path.suffix.lower(), open)
-        number = 0
-        try:
-            with opener(self.path, "rb") as f:
-                for number, raw, too_long in self._raw_lines(f):
-                    self.stats.lines_read += 1
-                    yield number, None if too_long else self._decode(number, raw)
-        except (EOFError, OSError, lzma.LZMAError) as err:  # truncated or corrupt compressed stream
-            raise ValueError(f"{self.path}:{number + 1}: cannot read compressed data ({err}); the file is truncated or corrupt") from None
+def _line_blocks(path: Path, base: dict, stats: SourceStats, max_line_bytes: int, block_bytes: int) -> Iterator[Block]:
+    """Blocks of raw lines, cut between documents once ``block_bytes`` are gathered."""
+    lines: list[bytes | None] = []
+    first, size = 1, 0
+    for number, raw in _raw_lines(path, base["on_error"], stats, max_line_bytes):
+        if base["fmt"] == "tsv" and "column" not in base:
+            base["column"], base["width"] = _tsv_header(path, raw, base["text_field"])
+            stats.lines_read += 1
+            continue
+        if not lines:
+            first, size = number, 0
+        lines.append(raw)
+        size += len(raw or b"")
+        if size >= block_bytes and _can_cut(base["fmt"], raw, size, path, number):
+            yield Block(first_line=first, lines=lines, **base)
+            lines = []
+    if lines:
+        yield Block(first_line=first, lines=lines, **base)
 
-    def _raw_lines(self, f) -> Iterator[tuple[int, bytes, bool]]:
-        """``(number, bytes, too_long)``; reads at most ``max_line_bytes + 1`` bytes of a line at a time."""
-        number = 0
-        while True:
-            raw = f.readline(self.max_line_bytes + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > self.max_line_bytes and not raw.endswith(b"\n"):
-                size = len(raw) + self._skip_rest(f)
-                self.reject(number, "line_too_long", f"line of {size:,} bytes exceeds max_line_bytes={self.max_line_bytes:,}")
-                yield number, b"", True
-            else:
-                yield number, raw, False
 
-    def _skip_rest(self, f) -> int:
-        """Consume the rest of an over-long line without keeping it; returns the bytes skipped."""
-        skipped = 0
-        while True:
-            chunk = f.readline(2**20)
-            skipped += len(chunk)
-            if not chunk or chunk.endswith(b"\n"):
-                return skipped
+def _can_cut(fmt: str, raw: bytes | None, size: int, path: Path, number: int) -> bool:
+    """Whether a block may end after this line: any line, but for ``txt`` only a blank one (a document end)."""
+    if fmt != "txt" or (raw is not None and not raw.strip()):
+        return True
+    if size >= _MAX_DOCUMENT_BYTES:
+        logger.warning("%s:%d: document longer than %d MiB; split here", path, number, _MAX_DOCUMENT_BYTES // 2**20)
+        return True
+    return False
 
-    def _decode(self, number: int, raw: bytes) -> str | None:
-        if b"\x00" in raw:
-            column = raw.index(b"\x00") + 1
-            self.reject(number, "nul_byte", f"NUL byte at column {column} (binary data?)")
-            return None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            self.reject(number, "invalid_utf8", f"invalid UTF-8 ({err.reason} at byte {err.start})")
-            return None
-        if number == 1:
-            text = text.removeprefix("\ufeff")  # Windows editors prepend a BOM; it would hide the header
-        return text.rstrip("\r\n")
 
-    def reject(self, number: int, reason: str, detail: str) -> None:
-        """Count a malformed record, or raise ``ValueError`` when ``on_error == "fail"``."""
-        _reject(self.path, number, reason, detail, self.on_error, self.stats)
+def _tsv_header(path: Path, raw: bytes | None, text_field: str) -> tuple[int, int]:
+    """``(column, width)`` of the tsv header line; ValueError if it is unreadable or lacks the text field."""
+    try:
+        header = (raw or b"").decode("utf-8").removeprefix("\ufeff").rstrip("\r\n").split("\t")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:1: the tab-separated header is not valid UTF-8") from None
+    if text_field not in header:
+        raise ValueError(f"{path}: no {text_field!r} column in the tab-separated header {header}")
+    return header.index(text_field), len(header)
+
+
+def _raw_lines(path: Path, on_error: str, stats: SourceStats, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """``(number, raw line)`` of a possibly compressed file; ``None`` for a line over ``max_line_bytes`` (dropped unread)."""
+    opener = COMPRESSION.get(path.suffix.lower(), open)
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            while raw := f.readline(max_line_bytes + 1):
+                number += 1
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    size = len(raw) + _skip_rest(f)
+                    _reject(path, number, "line_too_long", f"line of {size:,} bytes exceeds max_line_bytes={max_line_bytes:,}",
+                            on_error, stats)
+                    raw = None
+                yield number, raw
+    except (EOFError, OSError, lzma.LZMAError) as err:  # truncated or corrupt compressed stream
+        raise ValueError(f"{path}:{number + 1}: cannot read compressed data ({err}); the file is truncated or corrupt") from None
+
+
+def _skip_rest(f) -> int:
+    """Consume the rest of an over-long line without keeping it; returns the bytes skipped."""
+    skipped = 0
+    while True:
+        chunk = f.readline(2**20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def parse_block(block: Block, stats: SourceStats) -> Iterator[Document]:
+    """Decode, parse and NFC-normalize the records of a block; counts go to ``stats``.
+
+    Raises:
+        ValueError: a malformed record when ``block.on_error == "fail"`` (message ``file:line: ...``).
+    """
+    if block.rows is not None:
+        stats.lines_read += len(block.rows)
+        rows = enumerate(block.rows, start=block.first_line)
+        return _counted(block.source, stats, _record_documents(block, rows, stats))
+    stats.lines_read += len(block.lines)
+    lines = _decoded_lines(block, stats)
+    parser = {"tsv": _tsv_documents, "txt": _txt_documents, "jsonl": _jsonl_documents}[block.fmt]
+    return _counted(block.source, stats, parser(block, lines, stats))
+
+
+def _decoded_lines(block: Block, stats: SourceStats) -> Iterator[tuple[int, str | None]]:
+    """``(number, text)`` of the block's lines; text is ``None`` for a dropped line."""
+    for number, raw in enumerate(block.lines, start=block.first_line):
+        yield number, None if raw is None else _decode(block, number, raw, stats)
+
+
+def _decode(block: Block, number: int, raw: bytes, stats: SourceStats) -> str | None:
+    """UTF-8 text of a raw line without its newline (BOM removed on line 1); None if dropped."""
+    if b"\x00" in raw:
+        column = raw.index(b"\x00") + 1
+        _reject(block.source, number, "nul_byte", f"NUL byte at column {column} (binary data?)", block.on_error, stats)
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        _reject(block.source, number, "invalid_utf8", f"invalid UTF-8 ({err.reason} at byte {err.start})", block.on_error, stats)
+        return None
+    if number == 1:
+        text = text.removeprefix("\ufeff")  # Windows editors prepend a BOM
+    return text.rstrip("\r\n")
 
 
 def _reject(source, number: int, reason: str, detail: str, on_error: str, stats: SourceStats) -> None:
@@ -246,51 +375,38 @@ _Record = tuple[int, str, Any, Any]  # (line or row number, raw text, doc_id, ty
 
 
 def _counted(source: str, stats: SourceStats, records: Iterator[_Record]) -> Iterator[Document]:
-    """NFC-normalize, drop empty texts, update stats; ValueError if nothing was kept."""
-    kept = 0
+    """NFC-normalize, drop empty texts, update stats."""
     for number, text, doc_id, kind in records:
         text = unicodedata.normalize("NFC", text)
         if not text.strip():
             stats.drop("empty_document")
             continue
-        kept += 1
         stats.documents += 1
         stats.characters += len(text)
         if kind is not None:
             stats.kinds[str(kind)] = stats.kinds.get(str(kind), 0) + 1
         yield Document(text, source, number, None if doc_id is None else str(doc_id), None if kind is None else str(kind))
-    if kept == 0:
-        raise ValueError(f"{source}: no documents found ({stats.lines_read} lines read, dropped: {stats.dropped})")
 
 
-def _tsv_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
-    """``text_field`` column of each row, split as ``csv`` QUOTE_NONE would: every tab separates.
+def _tsv_documents(block: Block, lines, stats: SourceStats) -> Iterator[_Record]:
+    """Text column of each row, split as ``csv`` QUOTE_NONE would: every tab separates.
 
     FLORES text holds bare ``"``, so quoting must be off. ``str.split`` gives the same fields as
     ``csv.reader(..., quoting=csv.QUOTE_NONE)`` but also accepts a stray ``\\r`` inside a field,
     which ``csv`` rejects as an error.
     """
-    column, width = None, 0
     for number, line in lines:
-        if line is None or (column is not None and not line):
+        if not line:
             continue
         row = line.split("\t")
-        if column is None:
-            column, width = _text_column(lines.path, row, text_field), len(row)
-        elif len(row) != width:
-            lines.reject(number, "bad_tsv_row", f"{len(row)} tab-separated fields, header has {width}")
+        if len(row) != block.width:
+            _reject(block.source, number, "bad_tsv_row", f"{len(row)} tab-separated fields, header has {block.width}",
+                    block.on_error, stats)
         else:
-            yield number, row[column], None, None
+            yield number, row[block.column], None, None
 
 
-def _text_column(path: Path, header: list[str], text_field: str) -> int:
-    """Index of the text column; ValueError naming the file otherwise."""
-    if text_field not in header:
-        raise ValueError(f"{path}: no {text_field!r} column in the tab-separated header {header}")
-    return header.index(text_field)
-
-
-def _txt_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
+def _txt_documents(block: Block, lines, stats: SourceStats) -> Iterator[_Record]:
     """Groups of consecutive non-blank lines, joined with ``"\\n"``; blank lines separate documents."""
     start, sentences = 0, []
     for number, line in lines:
@@ -306,7 +422,7 @@ def _txt_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
         yield start, "\n".join(sentences), None, None
 
 
-def _jsonl_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
+def _jsonl_documents(block: Block, lines, stats: SourceStats) -> Iterator[_Record]:
     """JSON objects of the non-blank lines, as records for :func:`_record_documents`."""
     def records() -> Iterator[tuple[int, Any]]:
         for number, line in lines:
@@ -315,17 +431,18 @@ def _jsonl_documents(lines: _Lines, text_field: str) -> Iterator[_Record]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
-                lines.reject(number, "bad_json", f"invalid JSON ({err.msg} at column {err.colno})")
+                _reject(block.source, number, "bad_json", f"invalid JSON ({err.msg} at column {err.colno})", block.on_error, stats)
 
-    return _record_documents(str(lines.path), records(), text_field, lines.on_error, lines.stats)
+    return _record_documents(block, records(), stats)
 
 
-def _record_documents(source: str, records, text_field: str, on_error: str, stats: SourceStats) -> Iterator[_Record]:
+def _record_documents(block: Block, records, stats: SourceStats) -> Iterator[_Record]:
     """Text, ``doc_id`` and ``type`` of dict records; a record without a string text field is dropped."""
+    field_name, source, on_error = block.text_field, block.source, block.on_error
     for number, record in records:
-        text = record.get(text_field) if isinstance(record, dict) else None
+        text = record.get(field_name) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            _reject(source, number, "missing_text_field", f"no string field {text_field!r}", on_error, stats)
+            _reject(source, number, "missing_text_field", f"no string field {field_name!r}", on_error, stats)
         elif "\x00" in text:
             _reject(source, number, "nul_byte", "NUL character in the text", on_error, stats)
         elif not _encodable(text):
@@ -334,7 +451,7 @@ def _record_documents(source: str, records, text_field: str, on_error: str, stat
             yield number, text, record.get("doc_id"), record.get("type")
 
 
-def _parquet_records(path: Path, text_field: str, stats: SourceStats) -> Iterator[tuple[int, dict]]:
+def _parquet_records(path: Path, text_field: str, batch_rows: int) -> Iterator[tuple[int, dict]]:
     """Rows of a parquet file as dicts of the text, ``doc_id`` and ``type`` columns, one record batch at a time."""
     import pyarrow.parquet as pq
 
@@ -347,21 +464,19 @@ def _parquet_records(path: Path, text_field: str, stats: SourceStats) -> Iterato
         raise ValueError(f"{path}: no {text_field!r} column in the parquet schema {names}")
     columns = [c for c in (text_field, "doc_id", "type") if c in names]
     number = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
         for row in batch.to_pylist():
             number += 1
-            stats.lines_read += 1
             yield number, row
 
 
-def _hf_records(name: str, split: str, config_name: str | None, text_field: str, stats: SourceStats) -> Iterator[tuple[int, dict]]:
+def _hf_records(name: str, split: str, config_name: str | None, text_field: str) -> Iterator[tuple[int, dict]]:
     """Rows of a ``datasets`` split: ``load_from_disk`` for a directory, else streaming ``load_dataset``."""
     dataset = _open_hf_split(name, split, config_name)
     if dataset.column_names is not None and text_field not in dataset.column_names:
         raise ValueError(f"hf:{name} [{split}]: no {text_field!r} column (columns: {dataset.column_names})")
-    for number, row in enumerate(dataset, start=1):
-        stats.lines_read += 1
-        yield number, row
+    columns = [c for c in (text_field, "doc_id", "type") if c in (dataset.column_names or [text_field])]
+    yield from enumerate(dataset.select_columns(columns), start=1)
 
 
 def _open_hf_split(name: str, split: str, config_name: str | None):
