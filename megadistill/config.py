@@ -57,6 +57,17 @@ class DataConfig:
     """Held-out prefixes for periodic evaluation."""
     seq_len_tokens: int = 256
     """Packed sequence length in tokens."""
+    document_masking: bool = True
+    """Restart position ids at each document inside a packed window and keep attention inside
+    documents (varlen / FlexAttention / block-diagonal mask, chosen by the model's attention
+    backend). False: GPT-style packing where tokens attend across the EOS."""
+    blend_alpha: float = 0.3
+    """With several training prefixes: sample language i with probability q_i ∝ n_i^alpha
+    (n_i its tokens; XLM-R's 0.3). 1.0 keeps natural proportions, 0.0 is uniform."""
+    blend_weights: list[float] = field(default_factory=list)
+    """Explicit blend weights, one per training prefix (normalized); overrides ``blend_alpha``."""
+    blend_total_tokens: int = 0
+    """Tokens in one pass over the blend; 0 = the sum of all training prefixes' tokens."""
 
 
 @dataclass

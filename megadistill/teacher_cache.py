@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from megadistill.data.indexed import tokenizer_sha256
+from megadistill.data.packing import position_ids_from_documents
 from megadistill.files import atomic_write_text
 from megadistill.losses.logits import SparseTargets, topk_targets
 from megadistill.models.teacher import final_hidden_states, output_softcap
@@ -58,6 +59,8 @@ class CacheSpec:
         seq_len_tokens: packed window length ``L`` (tokens fed to the teacher per window).
         seed: packing seed (document order of the fixed layout).
         windows_per_shard: windows per shard file set.
+        document_masking: the teacher saw position ids restarting per document (attention kept
+            inside documents), as training with ``data.document_masking`` does.
     """
 
     kind: str = "topk"
@@ -66,6 +69,7 @@ class CacheSpec:
     seq_len_tokens: int = 256
     seed: int = 1234
     windows_per_shard: int = 256
+    document_masking: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
@@ -145,14 +149,14 @@ def unpack_entries(entries: np.ndarray, counts: np.ndarray, tail: np.ndarray, k:
 
 
 @torch.no_grad()
-def teacher_hidden_rows(teacher, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final normed teacher hidden states ``[B*L, H]`` fp32 for ``input_ids`` ``[B, L]``."""
-    return final_hidden_states(teacher, input_ids).flatten(0, 1).float()
+def teacher_hidden_rows(teacher, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final normed teacher hidden states ``[B*L, H]`` fp32 for ``input_ids`` ``[B, L]`` (optional position ids)."""
+    return final_hidden_states(teacher, input_ids, position_ids=position_ids).flatten(0, 1).float()
 
 
 @torch.no_grad()
 def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, top_p: float = 1.0,
-                    chunk_tokens: int = 256) -> SparseTargets:
+                    chunk_tokens: int = 256, position_ids: torch.Tensor | None = None) -> SparseTargets:
     """Top-k (top-p) teacher targets with tail mass for every position of ``input_ids`` ``[B, L]``.
 
     Logits are ``softcap(h @ W[:vocab_size].T)`` over the real vocabulary (padded head rows
@@ -161,7 +165,7 @@ def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, t
     Returns:
         :class:`SparseTargets` with ``B*L`` rows in teacher ids.
     """
-    hidden = teacher_hidden_rows(teacher, input_ids)
+    hidden = teacher_hidden_rows(teacher, input_ids, position_ids)
     weight = teacher.get_output_embeddings().weight[:vocab_size].float()
     cap = output_softcap(teacher.config)
     parts = []
@@ -225,7 +229,7 @@ class TeacherCache:
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise ValueError(f"{meta_path}: not a {FORMAT} v{VERSION} cache "
                              f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r})")
-        self.spec = CacheSpec(**self.meta["spec"])
+        self.spec = CacheSpec(**{"document_masking": False, **self.meta["spec"]})  # caches before the field: GPT-style
         self.kind = self.spec.kind
         self._shards = [self._open_shard(s) for s in range(self.meta["num_shards"])]
 
@@ -260,14 +264,15 @@ class TeacherCache:
         shard, local = divmod(window, self.spec.windows_per_shard)
         return self._shards[shard], local
 
-    def check_compatible(self, packed, tokenizer) -> None:
+    def check_compatible(self, packed, tokenizer, document_masking: bool = True) -> None:
         """Raise ``ValueError`` naming the first field where ``packed`` / ``tokenizer`` differ from the cache.
 
-        Checks the sequence length, packing seed, fixed layout, number of windows, the
-        datasets (prefix, documents, tokens, ``.idx`` hash) and the tokenizer hash.
+        Checks the sequence length, packing seed, document masking, fixed layout, number of
+        windows, the datasets (prefix, documents, tokens, ``.idx`` hash) and the tokenizer hash.
         """
         expected = {
             "seq_len_tokens": (self.spec.seq_len_tokens, packed.seq_len_tokens),
+            "document_masking": (self.spec.document_masking, document_masking),
             "seed": (self.spec.seed, packed.seed),
             "num_windows": (self.meta["num_windows"], len(packed)),
             "tokenizer_sha256": (self.meta["tokenizer_sha256"], tokenizer_sha256(tokenizer)),
@@ -322,19 +327,28 @@ class TeacherCache:
 
 
 def shard_arrays_for(spec: CacheSpec, teacher, vocab_size: int, windows: list[np.ndarray], micro_batch_size: int,
-                     chunk_tokens: int = 256) -> dict[str, np.ndarray]:
+                     chunk_tokens: int = 256, document_ids: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Compute one shard's arrays from its windows (each ``L + 1`` teacher ids).
 
+    Args:
+        document_ids: per window, int64 [L + 1] document index of each token
+            (``PackedDataset.window_item``); required when ``spec.document_masking``.
     Raises:
-        ValueError: hidden states that overflow float16.
+        ValueError: hidden states that overflow float16; document ids missing.
     """
+    if spec.document_masking and document_ids is None:
+        raise ValueError("spec.document_masking needs the windows' document_ids")
     parts = []
     for start in range(0, len(windows), micro_batch_size):
         ids = torch.from_numpy(np.stack(windows[start : start + micro_batch_size])[:, :-1].astype(np.int64))
+        positions = None
+        if spec.document_masking:
+            docs = torch.from_numpy(np.stack(document_ids[start : start + micro_batch_size])[:, :-1].astype(np.int64))
+            positions = position_ids_from_documents(docs)
         if spec.kind == "hidden":
-            parts.append(teacher_hidden_rows(teacher, ids).view(ids.shape[0], ids.shape[1], -1))
+            parts.append(teacher_hidden_rows(teacher, ids, positions).view(ids.shape[0], ids.shape[1], -1))
         else:
-            parts.append(teacher_targets(teacher, ids, vocab_size, spec.k, spec.top_p, chunk_tokens))
+            parts.append(teacher_targets(teacher, ids, vocab_size, spec.k, spec.top_p, chunk_tokens, positions))
     hashes = np.array([window_hash(w) for w in windows], dtype=np.uint64)
     if spec.kind == "hidden":
         hidden = torch.cat(parts)

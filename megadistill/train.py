@@ -143,7 +143,7 @@ def open_cache(cfg: RunConfig, train_data, tokenizer):
     if cfg.teacher.mode != "offline":
         return None
     cache = TeacherCache(cfg.teacher.logit_cache)
-    cache.check_compatible(train_data, tokenizer)
+    cache.check_compatible(train_data, tokenizer, cfg.data.document_masking)
     if cache.kind == "topk" and cfg.loss.divergence in ("mse", "cosine"):
         raise ValueError(f"loss.divergence {cfg.loss.divergence} needs full teacher logits: build the cache with --kind hidden")
     log.info("teacher signal: offline %s cache %s (%.1f bytes/token)", cache.kind, cfg.teacher.logit_cache, cache.bytes_per_token)
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         del teacher  # offline or CE-only: the teacher's weights are not needed past this point
     online = TeacherSource(engine=teacher_engine)
     data = LoopData(train=train_data, valid=valid_data, teacher=TeacherSource(cache=cache, vocab_map=vocab_map) if offline else online,
-                    valid_teacher=online, vocab_map=vocab_map, seq_len_tokens=cfg.data.seq_len_tokens)
+                    valid_teacher=online, vocab_map=vocab_map, seq_len_tokens=cfg.data.seq_len_tokens,
+                    document_masking=cfg.data.document_masking)
 
     ckpt_dir = run_dir / "checkpoints"
     client = checkpoint.resume(student_engine, ckpt_dir)
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
     final_eval = {}
     if valid_data is not None:
         final_eval = evaluate_loss(student_engine, data.valid_teacher, valid_data, vocab_map, cfg.train.micro_batch_size,
-                                   cfg.train.eval_max_batches, loss_weights_at(cfg.loss, state.step, cfg.train.max_steps))
+                                   cfg.train.eval_max_batches, loss_weights_at(cfg.loss, state.step, cfg.train.max_steps),
+                                   cfg.data.document_masking)
         metrics_logger.log(state.step, "valid", final_eval)
     checkpoint.export_hf(student, student_tokenizer, run_dir / "hf", export_files(cfg, vocab_map, layer_map, "distilled"))
     metrics_logger.close()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megadistill.data.collate import collate_clm
-from megadistill.data.packing import PackedDataset, micro_batch_indices
+from megadistill.data.packing import PackedDataset
+from megadistill.data.sampler import micro_batch_indices
 
 
 def docs(n=20, seed=0):

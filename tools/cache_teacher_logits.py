@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest prefix with this mass (then at most k)")
     p.add_argument("--seq-len", type=int, default=256, help="packed window length, tokens (= data.seq_len_tokens)")
     p.add_argument("--seed", type=int, default=1234, help="packing seed (= train.seed)")
+    p.add_argument("--no-document-masking", action="store_true",
+                   help="GPT-style packing: the teacher attends across documents (= data.document_masking=false)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
     p.add_argument("--windows-per-shard", type=int, default=256, help="windows per shard (unit of resumption)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per logits chunk ([chunk, vocab] fp32 at a time)")
@@ -86,10 +88,11 @@ def write_my_shards(args, spec: CacheSpec, teacher, vocab: int, packed: PackedDa
     total = sum(len(windows_of(s)) for s in mine) * spec.seq_len_tokens
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not distributed.is_main(), desc=f"cache rank {rank}")
     for s in mine:
-        windows = [packed.window(w) for w in windows_of(s)]
-        arrays = shard_arrays_for(spec, teacher, vocab, windows, args.micro_batch_size, args.chunk_tokens)
+        items = [packed.window_item(w) for w in windows_of(s)]
+        arrays = shard_arrays_for(spec, teacher, vocab, [t for t, _ in items], args.micro_batch_size, args.chunk_tokens,
+                                  [d for _, d in items])
         write_shard(output, s, arrays)
-        bar.update(len(windows) * spec.seq_len_tokens)
+        bar.update(len(items) * spec.seq_len_tokens)
     bar.close()
     return total
 
@@ -97,7 +100,8 @@ def write_my_shards(args, spec: CacheSpec, teacher, vocab: int, packed: PackedDa
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard)
+    spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard,
+                     document_masking=not args.no_document_masking)
     spec.validate()
     distributed.init()
     teacher, tokenizer = load_teacher_once(args.teacher, args.cache_dir)

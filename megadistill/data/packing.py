@@ -1,12 +1,20 @@
-"""Packing: fixed-length token windows across documents, and the resumable rank/micro-batch split.
+"""Packing: fixed-length token windows across documents, with per-token document ids and position resets.
 
 Documents are concatenated (each already ends with EOS) in a per-epoch shuffled order and
 cut into windows of ``seq_len_tokens + 1`` tokens that overlap by one token, so every
 token is a next-token target exactly once per epoch; the windows of an epoch are then
 visited in a shuffled order, so a global batch mixes documents (Megatron-LM's GPT dataset:
 document index, sample index, shuffle index).
-Attention may cross the EOS between documents in this version; per-document masks and
-position resets arrive with the packing issue.
+
+:meth:`PackedDataset.item` also returns which document each token belongs to;
+:func:`position_ids_from_documents` turns that into position ids that restart at 0 at each
+document start. Given such position ids (and no attention mask), Hugging Face models build
+a per-document causal mask for every attention backend: varlen ``cu_seqlens`` for
+FlashAttention-2, a block mask for FlexAttention, an explicit 4-D block-diagonal mask for
+SDPA / eager (``transformers.masking_utils.find_packed_sequence_indices``), so no token
+attends across documents (Krell et al. 2021, "Efficient sequence packing without
+cross-contamination"). :func:`document_attention_mask` builds the explicit mask for models
+that take one (bidirectional MLM encoders).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 
 class PackedDataset:
@@ -47,7 +56,11 @@ class PackedDataset:
         self.seed = seed
         self.shuffle = shuffle
         self.fixed_layout = fixed_layout
-        self._docs = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
+        # Two compact arrays instead of a tuple per document (~16 bytes, not ~100, per document).
+        counts = [len(ds) for ds in self.datasets]
+        self._doc_dataset = np.repeat(np.arange(len(self.datasets), dtype=np.int32), counts)
+        self._doc_index = np.concatenate([np.arange(n, dtype=np.int64) for n in counts]) if counts else np.zeros(0, np.int64)
+        self._num_docs = int(sum(counts))
         self._lengths = np.concatenate([_doc_lengths(ds) for ds in self.datasets]).astype(np.int64)
         total = int(self._lengths.sum())
         if total < seq_len_tokens + 1:
@@ -64,14 +77,14 @@ class PackedDataset:
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Document order of an epoch, the stream offset where each document starts (tokens), and the window order."""
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            order = np.arange(len(self._docs))
+            order = np.arange(self._num_docs)
             windows = np.arange(self.samples_per_epoch)
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
-                order = rng.permutation(len(self._docs))
+                order = rng.permutation(self._num_docs)
                 windows = rng.permutation(self.samples_per_epoch)
                 if self.fixed_layout:
-                    order = np.random.default_rng([self.seed, 0]).permutation(len(self._docs))
+                    order = np.random.default_rng([self.seed, 0]).permutation(self._num_docs)
             starts = np.concatenate([[0], np.cumsum(self._lengths[order])[:-1]])
             self._epoch_cache = (epoch, order, starts, windows)
         return self._epoch_cache[1:]
@@ -93,6 +106,14 @@ class PackedDataset:
         Raises:
             IndexError: ``window_id`` outside ``[0, len(self))``.
         """
+        return self.window_item(window_id, epoch)[0]
+
+    def window_item(self, window_id: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and document ids (as :meth:`item`) of window ``window_id`` of ``epoch``'s tiling.
+
+        Raises:
+            IndexError: ``window_id`` outside ``[0, len(self))``.
+        """
         if not 0 <= window_id < self.samples_per_epoch:
             raise IndexError(f"window {window_id} out of range (windows per epoch: {self.samples_per_epoch})")
         order, starts, _ = self._epoch_layout(epoch)
@@ -100,24 +121,35 @@ class PackedDataset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Tokens of sample ``index``: int64 array of shape [seq_len_tokens + 1] (teacher ids)."""
+        return self.item(index)[0]
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and document ids of sample ``index``.
+
+        Returns:
+            ``(tokens, document_ids)``, both int64 [seq_len_tokens + 1]: teacher ids, and for
+            each token the index (0, 1, ...) of its document among those the window touches.
+        """
         local = self.window_id(index)
         order, starts, _ = self._epoch_layout(index // self.samples_per_epoch)
         return self._read_window(order, starts, local)
 
-    def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> np.ndarray:
+    def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> tuple[np.ndarray, np.ndarray]:
         """Cut window ``local`` out of the document stream given by ``order`` / ``starts``."""
         begin, end = local * self.seq_len_tokens, local * self.seq_len_tokens + self.seq_len_tokens + 1
         pieces, pos = [], begin
         k = int(np.searchsorted(starts, begin, side="right")) - 1
         while pos < end:
-            d, i = self._docs[order[k]]
+            j = order[k]
+            d, i = int(self._doc_dataset[j]), int(self._doc_index[j])
             doc = self.datasets[d][i]
             offset = pos - int(starts[k])
             take = doc[offset : offset + (end - pos)]
             pieces.append(np.asarray(take, dtype=np.int64))
             pos += len(take)
             k += 1
-        return np.concatenate(pieces)
+        doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int64), [len(p) for p in pieces])
+        return np.concatenate(pieces), doc_ids
 
 
 def _doc_lengths(dataset) -> np.ndarray:
@@ -128,13 +160,37 @@ def _doc_lengths(dataset) -> np.ndarray:
     return np.array([len(dataset[i]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def micro_batch_indices(consumed_samples: int, rank: int, world_size: int, micro_batch_size: int) -> list[int]:
-    """Global sample indices of this rank's next micro-batch.
+def position_ids_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 where the document id changes.
 
-    The job consumes ``world_size * micro_batch_size`` consecutive samples per micro-step;
-    rank ``r`` takes the ``r``-th block of ``micro_batch_size``. Because the split depends only
-    on ``consumed_samples`` (saved in checkpoints), a resumed run sees exactly the samples it
-    had not yet seen, none twice, for the same world size (Megatron's pretraining sampler).
+    Args:
+        document_ids: int64 [B, L], non-decreasing along L (as :meth:`PackedDataset.item` gives).
+    Returns:
+        int64 [B, L]: ``position[b, t] = t - (first index of document_ids[b, t] in row b)``.
     """
-    start = consumed_samples + rank * micro_batch_size
-    return list(range(start, start + micro_batch_size))
+    length = document_ids.shape[-1]
+    arange = torch.arange(length, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    first = torch.where(starts, arange, torch.zeros_like(arange)).cummax(dim=-1).values
+    return arange - first
+
+
+def document_attention_mask(document_ids: torch.Tensor, causal: bool, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Explicit block-diagonal attention mask: query t sees key s only inside its own document.
+
+    Args:
+        document_ids: int64 [B, L].
+        causal: also require ``s <= t`` (decoders); False for bidirectional encoders (MLM).
+        padding_mask: optional [B, L] (1 = real token); padded keys are masked out.
+    Returns:
+        bool [B, 1, L, L], True where attention is allowed (the SDPA convention; Hugging Face
+        models accept it as a custom 4-D ``attention_mask``).
+    """
+    mask = document_ids[:, :, None] == document_ids[:, None, :]
+    if causal:
+        length = document_ids.shape[-1]
+        mask &= torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    if padding_mask is not None:
+        mask &= padding_mask.bool()[:, None, :]
+    return mask[:, None]

@@ -226,7 +226,7 @@ def _attention_modules(model, layers: Sequence[int]) -> dict[int, torch.nn.Modul
 
 
 def collect_features(model, input_ids: torch.Tensor, *, attentions: bool = False, qkv_layers: Sequence[int] = (),
-                     attention_mask: torch.Tensor | None = None) -> dict:
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> dict:
     """One decoder forward returning every feature the matching losses can use.
 
     Args:
@@ -235,6 +235,8 @@ def collect_features(model, input_ids: torch.Tensor, *, attentions: bool = False
         attentions: also return attention probabilities (needs :func:`use_eager_attention`).
         qkv_layers: decoder layers (1-based) whose Q/K/V projection outputs to capture.
         attention_mask: optional ``[B, L]`` padding mask.
+        position_ids: optional ``[B, L]`` int64, restarting at each document of a packed window
+            (the model then keeps attention inside documents, see :mod:`megadistill.data.packing`).
 
     Returns:
         ``last_hidden`` ``[B, L, H]`` (final normed state, what the LM head reads),
@@ -252,7 +254,7 @@ def collect_features(model, input_ids: torch.Tensor, *, attentions: bool = False
             hook = (lambda store, key: lambda _m, _i, out: store.__setitem__(key, out))(captured[layer], name)
             handles.append(getattr(attn, f"{name}_proj").register_forward_hook(hook))
     try:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                                   output_hidden_states=True, output_attentions=attentions)
     finally:
         for handle in handles:

@@ -19,7 +19,7 @@ import torch
 from megadistill import distributed
 from megadistill.config import LossConfig, TrainConfig
 from megadistill.data.collate import collate_clm
-from megadistill.data.packing import micro_batch_indices
+from megadistill.data.sampler import micro_batch_indices
 from megadistill.losses.features import collect_features
 from megadistill.losses.logits import auto_chunk_size_tokens, chunked_distill_loss, remap_sparse_targets
 from megadistill.losses.schedule import LossWeights, loss_weights_at
@@ -29,7 +29,7 @@ from megadistill.models.teacher import final_hidden_states
 class TeacherBody(torch.nn.Module):
     """The frozen teacher up to its final (normalized) hidden states, optionally with features.
 
-    ``forward(input_ids [B, L] int64)`` returns ``[B, L, Ht]`` hidden states, or, when
+    ``forward(input_ids [B, L] int64, position_ids [B, L] int64 | None)`` returns ``[B, L, Ht]`` hidden states, or, when
     ``features`` (a :class:`~megadistill.losses.features.FeatureDistiller`) is given, the
     dict of :func:`~megadistill.losses.features.collect_features` (one teacher forward).
     """
@@ -39,10 +39,11 @@ class TeacherBody(torch.nn.Module):
         self.teacher = teacher
         self.request = None if features is None else (features.wants_attentions, features.qkv_layers_teacher)
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
         if self.request is None:
-            return final_hidden_states(self.teacher, input_ids)
-        return collect_features(self.teacher, input_ids, attentions=self.request[0], qkv_layers=self.request[1])
+            return final_hidden_states(self.teacher, input_ids, position_ids=position_ids)
+        return collect_features(self.teacher, input_ids, attentions=self.request[0], qkv_layers=self.request[1],
+                                position_ids=position_ids)
 
 
 STAT_NAMES = ("ce_sum", "ce_tokens", "kd_sum", "kd_tokens", "feat_hidden", "feat_attention", "feat_relation", "micro_batches")
@@ -64,7 +65,7 @@ class DistillStudent(torch.nn.Module):
 
     ``forward(input_ids [B, L] int64, labels [B, L] int64, teacher_hidden [B, L, Ht] | None,
     sparse_targets=SparseTargets [B*L rows, student ids] | None, teacher_features=dict | None,
-    weights=LossWeights | None)`` returns ``loss`` (differentiable scalar), ``ce`` and ``kd``
+    weights=LossWeights | None, position_ids [B, L] int64 | None)`` returns ``loss`` (differentiable scalar), ``ce`` and ``kd``
     (nats/token, detached) and ``stats``: fp32 ``[len(STAT_NAMES)]`` token-weighted sums on
     the loss's device, so the loop reads them with one host sync per step.
     """
@@ -79,15 +80,16 @@ class DistillStudent(torch.nn.Module):
         self.softcaps = (student_softcap, teacher_softcap)
         self.features = features
 
-    def forward(self, input_ids, labels, teacher_hidden=None, sparse_targets=None, teacher_features=None, weights=None):
+    def forward(self, input_ids, labels, teacher_hidden=None, sparse_targets=None, teacher_features=None, weights=None,
+                position_ids=None):
         weights = weights or LossWeights(self.loss_cfg.ce_weight, self.loss_cfg.kd_weight, self.loss_cfg.temperature)
         feats = None
         if self.features is not None and teacher_features is not None:
             feats = collect_features(self.student, input_ids, attentions=self.features.wants_attentions,
-                                     qkv_layers=self.features.qkv_layers_student)
+                                     qkv_layers=self.features.qkv_layers_student, position_ids=position_ids)
             hidden, teacher_hidden = feats["last_hidden"], teacher_features["last_hidden"]
         else:
-            hidden = final_hidden_states(self.student, input_ids)
+            hidden = final_hidden_states(self.student, input_ids, position_ids=position_ids)
         out = self._logit_loss(hidden, labels, teacher_hidden, sparse_targets, weights)
         loss, feat = out.loss, torch.zeros(3, device=out.loss.device)
         if feats is not None:
@@ -156,8 +158,9 @@ class TeacherSource:
             ValueError: a cached window's token hash differs from the data (cache built from other data).
         """
         if self.engine is not None:
+            positions = batch.get("position_ids")
             with torch.no_grad():
-                out = self.engine(batch["teacher_input_ids"].to(device))
+                out = self.engine(batch["teacher_input_ids"].to(device), None if positions is None else positions.to(device))
             return {"teacher_features": out} if isinstance(out, dict) else {"teacher_hidden": out}
         if self.cache is None:
             return {}
@@ -171,13 +174,17 @@ class TeacherSource:
         return {"sparse_targets": targets.to(device)}
 
 
-def _forward(student_engine, teacher: TeacherSource, data, indices, vocab_map, weights: LossWeights, wrap=False):
+def _forward(student_engine, teacher: TeacherSource, data, indices, vocab_map, weights: LossWeights, wrap=False,
+             document_masking: bool = True):
     """One micro-batch (samples ``indices`` of ``data``) through the teacher signal and the student."""
     indices = [i % len(data) for i in indices] if wrap else list(indices)
-    windows = [data[i] for i in indices]
-    batch = collate_clm(windows, vocab_map)
+    items = [data.item(i) for i in indices]
+    windows = [tokens for tokens, _ in items]
+    batch = collate_clm(windows, vocab_map, [docs for _, docs in items] if document_masking else None)
     dev = student_engine.device
     kwargs = teacher.signal(batch, data, indices, windows, dev)
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"].to(dev)
     out = student_engine(batch["input_ids"].to(dev), batch["labels"].to(dev), weights=weights, **kwargs)
     out["dropped_tokens"] = batch["dropped_tokens"]
     return out
@@ -208,7 +215,7 @@ class _Totals:
 
 
 def evaluate_loss(student_engine, teacher: TeacherSource, dataset, vocab_map, micro_batch_size: int, max_batches: int,
-                  weights: LossWeights | None = None) -> dict:
+                  weights: LossWeights | None = None, document_masking: bool = True) -> dict:
     """Held-out CE (nats/token), KD and perplexity over up to ``max_batches`` micro-batches per rank.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); the
@@ -223,7 +230,8 @@ def evaluate_loss(student_engine, teacher: TeacherSource, dataset, vocab_map, mi
     with torch.no_grad():
         for b in range(batches):
             idx = micro_batch_indices(b * per_step, rank, world, micro_batch_size)
-            totals.add(_forward(student_engine, teacher, dataset, idx, vocab_map, weights, wrap=True))
+            totals.add(_forward(student_engine, teacher, dataset, idx, vocab_map, weights, wrap=True,
+                                document_masking=document_masking))
     student_engine.train()
     metrics = totals.reduce()
     metrics["ppl"] = math.exp(min(metrics["ce"], 50.0))
@@ -242,6 +250,8 @@ class LoopData:
             only the training windows, so offline runs evaluate CE only).
         vocab_map: the student's ``VocabMap``, or None for an untrimmed vocabulary.
         seq_len_tokens: tokens per packed window fed to the models.
+        document_masking: feed position ids that restart per document, so attention stays
+            inside documents (``data.document_masking``).
     """
 
     train: object
@@ -250,6 +260,7 @@ class LoopData:
     valid_teacher: TeacherSource
     vocab_map: object
     seq_len_tokens: int
+    document_masking: bool = True
 
 
 def train_loop(student_engine, data: LoopData, train: TrainConfig, loss: LossConfig, state: LoopState,
@@ -278,7 +289,8 @@ def train_loop(student_engine, data: LoopData, train: TrainConfig, loss: LossCon
         for _ in range(train.grad_accum_steps):
             idx = micro_batch_indices(state.consumed_samples, rank, world, train.micro_batch_size)
             state.consumed_samples += world * train.micro_batch_size
-            out = _forward(student_engine, data.teacher, data.train, idx, data.vocab_map, weights)
+            out = _forward(student_engine, data.teacher, data.train, idx, data.vocab_map, weights,
+                           document_masking=data.document_masking)
             student_engine.backward(out["loss"])
             student_engine.step()
             totals.add(out)
@@ -296,7 +308,8 @@ def train_loop(student_engine, data: LoopData, train: TrainConfig, loss: LossCon
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
         if data.valid is not None and train.eval_every_steps and state.step % train.eval_every_steps == 0 and state.step < stop_at:
             metrics_logger.log(state.step, "valid", evaluate_loss(student_engine, data.valid_teacher, data.valid, data.vocab_map,
-                                                                  train.micro_batch_size, train.eval_max_batches, weights))
+                                                                  train.micro_batch_size, train.eval_max_batches, weights,
+                                                                  data.document_masking))
         if train.save_every_steps and state.step % train.save_every_steps == 0 and state.step < stop_at:
             save_fn(state)
     bar.close()
