@@ -4,10 +4,11 @@ Builds (once, cached) a JSONL corpus of at least ``--size-mb`` MB by sampling do
 1-8 sentences from every SIB-200 language (train/dev/test), then tokenizes it with the Gemma 3
 tokenizer in separate processes, side by side:
 
-* ``megadistill wN``: ``python tools/binarize.py --workers N`` (N tokenizer processes, one thread each;
-  N = 0 tokenizes in the main process with the tokenizer's own thread pool);
-* ``datasets  wN``: ``load_dataset("json") -> .map(tokenize, batched=True, num_proc=N) -> save_to_disk``
-  (N = 0 means no ``num_proc``, the tokenizer's thread pool again).
+* ``megadistill wN``: ``python tools/binarize.py --workers N`` (one process, N Rust tokenizer threads);
+* ``megadistill wN pN``: the same with ``--processes N`` (N worker processes, one thread each);
+* ``datasets wN``: ``load_dataset("json") -> .map(tokenize, batched=True) -> save_to_disk``, for N = 1
+  in one process with one tokenizer thread, for N > 1 with ``num_proc=N`` (the documented way to
+  parallelize ``.map``).
 
 For each it prints wall seconds, tokens/s, documents/s and the peak RSS of the whole process
 tree (sampled every 0.1 s with psutil), and checks both produced the same number of tokens.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -43,7 +45,7 @@ ds = datasets.load_dataset("json", data_files={corpus!r}, split="train", cache_d
 eos = [tok.eos_token_id]
 def encode(batch):
     return {{"input_ids": [ids + eos for ids in tok(batch["text"])["input_ids"]]}}
-kwargs = {{"num_proc": {workers}}} if {workers} > 0 else {{}}
+kwargs = {{"num_proc": {workers}}} if {workers} > 1 else {{}}
 ds = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, **kwargs)
 ds.save_to_disk({out!r})
 tokens = sum(len(x) for batch in ds.iter(batch_size=10000) for x in batch["input_ids"])
@@ -74,10 +76,11 @@ def build_corpus(sib200: Path, path: Path, size_mb: float, seed: int = 0) -> Pat
     return path
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return (wall seconds, peak RSS of the process tree in GiB, stdout)."""
+def run_measured(cmd: list[str], threads: int) -> tuple[float, float, str]:
+    """Run ``cmd`` with ``threads`` tokenizer threads per process; return (wall s, peak RSS of the process tree in GiB, stdout)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -92,14 +95,15 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - started, peak / 2**30, out
 
 
-def ours(corpus: Path, workdir: Path, workers: int) -> dict:
-    prefix = workdir / f"md_w{workers}" / "mixed"
-    cmd = [sys.executable, "tools/binarize.py", "--input", str(corpus), "--tokenizer", TOKENIZER,
-           "--output-prefix", str(prefix), "--workers", str(workers), "--no-progress", "--lang", "mix", "--script", "Mixd"]
-    wall, rss, out = run_measured(cmd)
+def ours(corpus: Path, workdir: Path, workers: int, processes: int = 0) -> dict:
+    label = f"megadistill w{workers}" + (f" p{processes}" if processes else "")
+    prefix = workdir / label.replace(" ", "_") / "mixed"
+    cmd = [sys.executable, "tools/binarize.py", "--input", str(corpus), "--tokenizer", TOKENIZER, "--output-prefix",
+           str(prefix), "--workers", str(workers), "--processes", str(processes), "--no-progress", "--lang", "mix"]
+    wall, rss, out = run_measured(cmd, workers if not processes else 1)
     meta = json.loads(Path(f"{prefix}.json").read_text())
     seconds = float(out.split(" in ")[1].split(" s ")[0])
-    return {"method": f"megadistill w{workers}", "wall": wall, "seconds": seconds, "rss": rss,
+    return {"method": label, "wall": wall, "seconds": seconds, "rss": rss,
             "tokens": meta["tokens"], "documents": meta["documents"]}
 
 
@@ -109,7 +113,7 @@ def hf(corpus: Path, workdir: Path, workers: int) -> dict:
         shutil.rmtree(d, ignore_errors=True)
     script = HF_SCRIPT.format(root=str(ROOT), tokenizer=TOKENIZER, corpus=str(corpus), cache=str(cache),
                               workers=workers, out=str(out_dir))
-    wall, rss, out = run_measured([sys.executable, "-c", script])
+    wall, rss, out = run_measured([sys.executable, "-c", script], 1)
     result = json.loads(out.strip().splitlines()[-1])
     return {"method": f"datasets w{workers}", "wall": wall, "seconds": result["seconds"], "rss": rss,
             "tokens": result["tokens"], "documents": result["documents"]}
@@ -126,18 +130,19 @@ def main() -> None:
     corpus = build_corpus(args.sib200, args.workdir / f"corpus_{args.size_mb:g}mb.jsonl", args.size_mb)
     print(f"corpus {corpus}: {corpus.stat().st_size / 1e6:.1f} MB; {psutil.cpu_count()} CPUs", flush=True)
     rows = []
-    for workers in args.workers:
-        for method in (ours, hf):
-            rows.append(method(corpus, args.workdir, workers))
-            r = rows[-1]
-            print(f"  {r['method']:<16} done: {r['seconds']:.1f} s, {r['rss']:.2f} GiB", flush=True)
-    print(f"\n{'method':<16} {'tokens':>12} {'docs':>9} {'s (timed)':>9} {'wall s':>7} {'tokens/s':>11} {'docs/s':>8} {'peak RSS GiB':>12}")
+    runs = [(m, w) for w in args.workers for m in (ours, hf)] + [(lambda c, d, w: ours(c, d, w, w), max(args.workers))]
+    for method, workers in runs:
+        rows.append(method(corpus, args.workdir, workers))
+        r = rows[-1]
+        print(f"  {r['method']:<18} done: {r['seconds']:.1f} s, {r['rss']:.2f} GiB", flush=True)
+    print(f"\n{'method':<18} {'tokens':>12} {'docs':>9} {'s (timed)':>9} {'wall s':>7} {'tokens/s':>11} {'docs/s':>8} {'peak RSS GiB':>12}")
     for r in rows:
-        print(f"{r['method']:<16} {r['tokens']:>12,} {r['documents']:>9,} {r['seconds']:>9.1f} {r['wall']:>7.1f} "
+        print(f"{r['method']:<18} {r['tokens']:>12,} {r['documents']:>9,} {r['seconds']:>9.1f} {r['wall']:>7.1f} "
               f"{r['tokens'] / r['seconds']:>11,.0f} {r['documents'] / r['seconds']:>8,.0f} {r['rss']:>12.2f}")
     for workers in args.workers:
         a, b = (next(r for r in rows if r["method"] == f"{m} w{workers}") for m in ("megadistill", "datasets"))
-        same = "same token count" if a["tokens"] == b["tokens"] else f"TOKEN COUNTS DIFFER ({a['tokens']} vs {b['tokens']})"
+        diff = (a["tokens"] - b["tokens"]) / b["tokens"]
+        same = "same token count" if not diff else f"token counts differ by {diff:+.3%} (megadistill NFC-normalizes text first)"
         print(f"w{workers}: megadistill / datasets tokens/s = {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x; {same}")
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megadistill.data.blend import underlying_datasets
 from megadistill.data.indexed import tokenizer_sha256
 from megadistill.data.packing import position_ids_from_documents
 from megadistill.files import atomic_write_text
@@ -283,7 +284,7 @@ class TeacherCache:
             if cached != current:
                 raise ValueError(f"teacher cache {self.root}: {field} is {cached!r} in the cache but {current!r} for this run "
                                  "(same data, data.seq_len_tokens, train.seed and tokenizer as the cache, or rebuild it)")
-        current = [dataset_fingerprint(ds) for ds in packed.datasets]
+        current = [dataset_fingerprint(ds) for ds in underlying_datasets(packed.datasets)]
         for i, (cached, now) in enumerate(zip(self.meta["datasets"], current)):
             for key in ("documents", "tokens", "idx_sha256"):
                 if cached[key] != now[key]:
@@ -369,7 +370,7 @@ def cache_meta(spec: CacheSpec, packed, tokenizer, teacher_path: str, vocab_size
     return {
         "format": FORMAT, "version": VERSION, "spec": asdict(spec), "id_bits": id_bits, "logprob_step": step,
         "num_windows": len(packed), "num_shards": math.ceil(len(packed) / spec.windows_per_shard),
-        "datasets": [dataset_fingerprint(ds) for ds in packed.datasets], "teacher": str(teacher_path),
+        "datasets": [dataset_fingerprint(ds) for ds in underlying_datasets(packed.datasets)], "teacher": str(teacher_path),
         "tokenizer_sha256": tokenizer_sha256(tokenizer), "teacher_vocab_size": vocab_size,
         "hidden_size": hidden_size, "softcap": softcap,
     }

@@ -29,6 +29,7 @@ import torch
 from megadistill import checkpoint, distributed, engine
 from megadistill.config import RunConfig, load_config, save_config, to_dict
 from megadistill.data.indexed import open_checked_datasets
+from megadistill.data.blend import BlendedDataset, blend_if_several, format_report
 from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
 from megadistill.logging import MetricsLogger, setup_console
@@ -176,7 +177,14 @@ def main(argv=None) -> int:
     train_sets = open_checked_datasets(cfg.data.train_prefixes, tokenizer)
     valid_sets = open_checked_datasets(cfg.data.valid_prefixes, tokenizer)
     offline = cfg.teacher.mode == "offline"
-    train_data = PackedDataset(train_sets, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=offline)
+    sources = blend_if_several(train_sets, cfg.data.blend_alpha, cfg.data.blend_weights, cfg.data.blend_total_tokens,
+                               seed=cfg.train.seed)
+    if isinstance(sources[0], BlendedDataset) and distributed.is_main():
+        log.info("language blend (alpha %s%s):
+%s", cfg.data.blend_alpha, ", explicit weights" if cfg.data.blend_weights else "",
+                 format_report(sources[0].report()))
+        atomic_write_text(run_dir / "blend.json", json.dumps(sources[0].report(), indent=2))
+    train_data = PackedDataset(sources, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=offline)
     cache = open_cache(cfg, train_data, tokenizer)
     valid_data = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False) if valid_sets else None
 

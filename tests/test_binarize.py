@@ -162,3 +162,66 @@ def test_cli_success(tmp_path, tiny_tokenizer, sib200_dir, capsys):
     assert len(IndexedDataset(prefix)) == 99
     assert read_provenance(prefix)["tokenizer"]["name"] == str(tok)
     check_tokenizer_matches(prefix, tiny_tokenizer)
+
+
+# --- scale features: worker processes, dedup, mixed scripts, one dataset per language ----------
+
+def test_worker_processes_write_identical_files(sib200_dir, tiny_tokenizer, tmp_path):
+    """Two spawned tokenizer processes (blocks of 4 KB, so many blocks in flight) == in-process, byte for byte."""
+    inputs = [sib200_dir / "hin_Deva" / "dev.tsv", sib200_dir / "ben_Beng" / "dev.tsv"]
+    metas = {}
+    for processes in (0, 2):
+        options = binarize_tool.BinarizeOptions(processes=processes, block_bytes=4096)
+        metas[processes] = binarize_tool.binarize(inputs, tiny_tokenizer, tmp_path / f"p{processes}", options,
+                                                  show_progress=False)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"p0{suffix}").read_bytes() == (tmp_path / f"p2{suffix}").read_bytes()
+    assert metas[0]["documents"] == metas[2]["documents"] == 198
+    assert metas[0]["sources"] == metas[2]["sources"]
+
+
+def test_dedup_drops_repeated_sentences(tiny_tokenizer, tmp_path):
+    corpus = tmp_path / "hin_Deva.txt"
+    corpus.write_text("a b\nc d\n\nc d\ne f\n\na b\n\nc d\n", encoding="utf-8")
+    options = binarize_tool.BinarizeOptions(dedup=True, block_bytes=8)  # duplicates across blocks too
+    meta = binarize_tool.binarize([corpus], tiny_tokenizer, tmp_path / "out", options, show_progress=False)
+    ds = IndexedDataset(tmp_path / "out")
+    eos = [tiny_tokenizer.eos_token_id]
+    assert [ds[i].tolist() for i in range(len(ds))] == [
+        tiny_tokenizer("a b\nc d").input_ids + eos, tiny_tokenizer("e f").input_ids + eos]
+    assert meta["dropped"] == {"duplicate_document": 2, "duplicate_sentence": 3}
+    assert meta["documents"] == 2 and meta["sources"][0]["documents_read"] == 4
+    assert meta["characters"] == len("a b\nc d") + len("e f")
+
+
+def test_mixed_script_documents_are_counted_with_locations(sib200_dir, tiny_tokenizer, tmp_path):
+    mixed = tmp_path / "hin_Deva.txt"
+    mixed.write_text("यह हिंदी है\n\nthis is english\n\nयह हिंदी mixed है\n", encoding="utf-8")
+    meta = binarize_tool.binarize([mixed], tiny_tokenizer, tmp_path / "out", show_progress=False)
+    assert meta["documents"] == 3  # kept, but reported
+    assert meta["mixed_script_documents"] == {"count": 1, "examples": [f"{mixed}:3"]}
+
+
+def test_output_dir_groups_inputs_by_language(sib200_dir, tmp_path):
+    inputs = [str(sib200_dir / lang / "dev.tsv") for lang in ("hin_Deva", "ben_Beng")] + [str(sib200_dir / "hin_Deva" / "test.tsv")]
+    groups = binarize_tool.group_by_language(inputs, tmp_path)
+    assert groups == {tmp_path / "hin_Deva": [inputs[0], inputs[2]], tmp_path / "ben_Beng": [inputs[1]]}
+    with pytest.raises(ValueError, match="no language code"):
+        binarize_tool.group_by_language(["/data/corpus.txt"], tmp_path)
+
+
+def test_cli_strict_and_output_dir(tmp_path, tiny_tokenizer, sib200_dir, capsys):
+    pytest.importorskip("megadistill.models.teacher")
+    tok = _save_teacher_dir(tiny_tokenizer, tmp_path / "tok")
+    bad = tmp_path / "sat_Olck" / "x.txt"
+    bad.parent.mkdir()
+    bad.write_bytes("ᱥᱟᱱᱛᱟᱲᱤ\n\n".encode() + b"\xff\n")
+    code = binarize_tool.main(["--input", str(bad), "--tokenizer", str(tok), "--output-dir", str(tmp_path / "out"),
+                               "--strict", "--no-progress"])
+    assert code == 2 and "x.txt:3: invalid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sat_Olck.bin").exists()
+    code = binarize_tool.main(["--input", str(bad), str(sib200_dir / "hin_Deva" / "dev.tsv"), "--tokenizer", str(tok),
+                               "--output-dir", str(tmp_path / "out"), "--no-progress", "--workers", "1"])
+    assert code == 0
+    assert read_provenance(tmp_path / "out" / "sat_Olck")["dropped"] == {"invalid_utf8": 1}
+    assert len(IndexedDataset(tmp_path / "out" / "hin_Deva")) == 99

@@ -95,3 +95,88 @@ def test_fixed_layout_keeps_windows_across_epochs_and_names_them():
     assert {tuple(moving[i]) for i in range(n)} != {tuple(moving[n + i]) for i in range(n)}
     with pytest.raises(IndexError):
         packed.window(n)
+
+
+# --- document boundaries: ids, position resets, attention that never crosses documents ---------
+
+def test_document_ids_follow_the_stream():
+    corpus = docs()
+    packed = PackedDataset([corpus], seq_len_tokens=16, shuffle=False)
+    owner = np.repeat(np.arange(len(corpus)), [len(d) for d in corpus])  # document of each stream token
+    for i in range(len(packed)):
+        tokens, doc_ids = packed.item(i)
+        np.testing.assert_array_equal(tokens, packed[i])
+        span = owner[i * 16 : i * 16 + 17]
+        np.testing.assert_array_equal(doc_ids, span - span[0])  # local numbering 0, 1, ... in the window
+
+
+def test_position_ids_restart_at_each_document():
+    from megadistill.data.packing import position_ids_from_documents
+
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]])
+    assert torch.equal(position_ids_from_documents(doc_ids), expected)
+    batch = collate_clm([np.arange(9), np.arange(9)], document_ids=[np.array([0, 0, 0, 1, 1, 2, 3, 3, 3]),
+                                                                   np.array([0, 1, 1, 1, 1, 1, 1, 1, 1])])
+    assert torch.equal(batch["position_ids"], expected) and torch.equal(batch["document_ids"], doc_ids)
+    assert "position_ids" not in collate_clm([np.arange(9)])
+
+
+def tiny_decoder(kind: str, attn: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation=attn))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=4, attn_implementation=attn,
+                                                   layer_types=["sliding_attention", "full_attention"]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_packed_window_equals_each_document_alone(kind, attn):
+    """Hidden states of a document inside a packed window equal those of the document run alone."""
+    from megadistill.data.packing import position_ids_from_documents
+    from megadistill.models.teacher import final_hidden_states
+
+    model = tiny_decoder(kind, attn)
+    lengths = [5, 1, 9, 3]
+    tokens = torch.randint(2, 64, (1, sum(lengths)))
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    with torch.no_grad():
+        packed = final_hidden_states(model, tokens, position_ids=position_ids_from_documents(doc_ids))[0]
+        plain = final_hidden_states(model, tokens)[0]  # GPT-style packing, for contrast
+        start = 0
+        for n in lengths:
+            alone = final_hidden_states(model, tokens[:, start : start + n])[0]
+            torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-5, atol=1e-5)
+            start += n
+    assert not torch.allclose(packed[5:], plain[5:], atol=1e-3)  # without resets, later documents see earlier ones
+
+
+def test_explicit_block_mask_isolates_documents_in_a_bidirectional_encoder():
+    from transformers import BertConfig, BertModel
+
+    from megadistill.data.packing import document_attention_mask, position_ids_from_documents
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64)).eval()
+    lengths = [4, 7, 2]
+    tokens = torch.randint(5, 64, (1, sum(lengths)))
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    mask = document_attention_mask(doc_ids, causal=False)
+    assert mask.shape == (1, 1, 13, 13) and not bool(mask[0, 0, 0, 4]) and bool(mask[0, 0, 4, 10])
+    causal = document_attention_mask(doc_ids, causal=True)
+    assert not bool(causal[0, 0, 4, 10]) and bool(causal[0, 0, 10, 4])
+    with torch.no_grad():
+        packed = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids_from_documents(doc_ids)).last_hidden_state[0]
+        start = 0
+        for n in lengths:
+            alone = model(input_ids=tokens[:, start : start + n]).last_hidden_state[0]
+            torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-5, atol=1e-5)
+            start += n

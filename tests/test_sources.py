@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from megadistill.data.sources import Document, SourceStats, language_from_path, read_documents
+from megadistill.data.sources import Document, SourceStats, language_from_path, parse_block, read_blocks, read_documents
 
 # "क़" written decomposed (KA + NUKTA) and "é" as e + combining acute: NFC must compose the latter
 # and keep the Devanagari nukta form that NFC excludes from composition.
@@ -155,3 +155,96 @@ def test_stats_accumulate_across_files(tmp_path):
 )
 def test_language_from_path(path, expected):
     assert language_from_path(path) == expected
+
+
+# --- compressed, parquet, datasets, framing -------------------------------------------------
+
+IC_TEXT = "पहला वाक्य।\nदूसरा वाक्य।\n\nতৃতীয় বাক্য।\n\n\nfourth\n"
+IC_DOCS = [("पहला वाक्य।\nदूसरा वाक्य।", 1), ("তৃতীয় বাক্য।", 4), ("fourth", 7)]
+
+
+@pytest.mark.parametrize("suffix, opener", [(".gz", "gzip"), (".xz", "lzma"), (".bz2", "bz2")])
+def test_compressed_txt_round_trip(tmp_path, suffix, opener):
+    module = __import__(opener)
+    path = tmp_path / f"hin_Deva.txt{suffix}"
+    with module.open(path, "wb") as f:
+        f.write(IC_TEXT.encode())
+    docs = list(read_documents(path))
+    assert [(d.text, d.line) for d in docs] == IC_DOCS
+    assert language_from_path(path) == ("hin", "Deva")
+
+
+def test_truncated_gzip_is_named(tmp_path):
+    import gzip
+
+    data = gzip.compress(("line\n" * 20000).encode())
+    path = write_bytes(tmp_path / "x.txt.gz", data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"x\.txt\.gz:\d+: cannot read compressed data .*truncated"):
+        list(read_documents(path))
+
+
+def test_parquet_keeps_doc_id_and_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"doc_id": ["a", "b", "c", "d"], "type": ["verified", "synthetic", "verified", "verified"],
+                      "text": ["एक", None, "दो", "  "]})
+    path = tmp_path / "sangraha.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    stats = SourceStats()
+    docs = list(read_documents(path, stats=stats))
+    assert [(d.text, d.line, d.doc_id, d.kind) for d in docs] == [("एक", 1, "a", "verified"), ("दो", 3, "c", "verified")]
+    assert stats.dropped == {"missing_text_field": 1, "empty_document": 1}
+    assert stats.kinds == {"verified": 2} and stats.lines_read == 4
+    with pytest.raises(ValueError, match=r"sangraha\.parquet: no 'body' column"):
+        list(read_documents(path, text_field="body"))
+    bad = write_bytes(tmp_path / "bad.parquet", b"not parquet at all")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable parquet file"):
+        list(read_documents(bad))
+
+
+def test_hf_dataset_from_disk(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["alpha", "", "beta"], "label": [0, 1, 2]}),
+        "validation": datasets.Dataset.from_dict({"text": ["gamma"], "label": [3]}),
+    })
+    ds.save_to_disk(tmp_path / "hin_Deva")
+    spec = f"hf:{tmp_path / 'hin_Deva'}"
+    assert [(d.text, d.line) for d in read_documents(spec)] == [("alpha", 1), ("beta", 3)]
+    assert [d.text for d in read_documents(spec, split="validation")] == ["gamma"]
+    assert language_from_path(spec) == ("hin", "Deva")
+    with pytest.raises(ValueError, match="no split 'test'"):
+        list(read_documents(spec, split="test"))
+
+
+def test_nul_bytes_and_overlong_lines(tmp_path):
+    long_line = b"x" * (10 * 2**20)  # a single 10 MB line
+    path = write_bytes(tmp_path / "x.txt", b"fine one\n" + long_line + b"\nbin\x00ary\nfine two\n")
+    stats = SourceStats()
+    docs = list(read_documents(path, stats=stats, max_line_bytes=2**20))
+    assert [d.text for d in docs] == ["fine one\nfine two"]
+    assert stats.dropped == {"line_too_long": 1, "nul_byte": 1} and stats.lines_read == 4
+    with pytest.raises(ValueError, match=r"x\.txt:2: line of 10,485,761 bytes exceeds max_line_bytes"):
+        list(read_documents(path, on_error="fail", max_line_bytes=2**20))
+    with pytest.raises(ValueError, match=r"x\.txt:3: NUL byte at column 4"):
+        list(read_documents(path, on_error="fail", max_line_bytes=16 * 2**20))
+
+
+@pytest.mark.parametrize("name", ["x.txt", "x.jsonl", "x.tsv"])
+def test_blocks_never_split_documents(tmp_path, name):
+    """Small blocks give the same documents (and line numbers) as one big block."""
+    rng = __import__("random").Random(0)
+    docs = [" ".join(rng.choices(["क", "ख", "ga", "घ"], k=rng.randint(1, 30))) for _ in range(300)]
+    if name.endswith(".txt"):
+        body = "\n\n".join(d.replace(" ", "\n", 2) for d in docs) + "\n"
+    elif name.endswith(".jsonl"):
+        body = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    else:
+        body = "id\ttext\n" + "".join(f"{i}\t{d}\n" for i, d in enumerate(docs))
+    path = write_bytes(tmp_path / name, body.encode())
+    whole = [(d.text, d.line) for b in read_blocks(path, block_bytes=2**30) for d in parse_block(b, SourceStats())]
+    blocks = list(read_blocks(path, block_bytes=64))
+    pieces = [(d.text, d.line) for b in blocks for d in parse_block(b, SourceStats())]
+    assert len(blocks) > 50 and pieces == whole and len(whole) == 300

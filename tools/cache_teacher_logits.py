@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from megadistill import distributed
 from megadistill.data.indexed import open_checked_datasets
+from megadistill.data.blend import blend_if_several
 from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
 from megadistill.models.teacher import load_teacher_once, output_softcap
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest prefix with this mass (then at most k)")
     p.add_argument("--seq-len", type=int, default=256, help="packed window length, tokens (= data.seq_len_tokens)")
     p.add_argument("--seed", type=int, default=1234, help="packing seed (= train.seed)")
+    p.add_argument("--blend-alpha", type=float, default=0.3, help="several --data prefixes: q_i ∝ n_i^alpha (= data.blend_alpha)")
+    p.add_argument("--blend-weights", type=float, nargs="+", default=None, help="explicit blend weights (= data.blend_weights)")
+    p.add_argument("--blend-total-tokens", type=int, default=0, help="tokens per blend pass (= data.blend_total_tokens)")
     p.add_argument("--no-document-masking", action="store_true",
                    help="GPT-style packing: the teacher attends across documents (= data.document_masking=false)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
@@ -108,7 +112,9 @@ def main(argv=None) -> int:
     if args.precision == "bf16":
         teacher = teacher.to(torch.bfloat16)
     # The fixed-layout windows the trainer reads with teacher.mode=offline.
-    packed = PackedDataset(open_checked_datasets(args.data, tokenizer), args.seq_len, seed=args.seed, fixed_layout=True)
+    sources = blend_if_several(open_checked_datasets(args.data, tokenizer), args.blend_alpha, args.blend_weights,
+                               args.blend_total_tokens, seed=args.seed)
+    packed = PackedDataset(sources, args.seq_len, seed=args.seed, fixed_layout=True)
     vocab = len(tokenizer)
     meta = cache_meta(spec, packed, tokenizer, args.teacher, vocab, teacher.config.get_text_config().hidden_size,
                       output_softcap(teacher.config))

@@ -333,3 +333,24 @@ def _provenance_name(prefix: str | Path) -> str | None:
     if isinstance(romanization, dict) and romanization.get("scheme"):
         name += f".{romanization['scheme']}"
     return name
+
+
+def blend_if_several(datasets: Sequence, alpha: float = 0.3, weights: Sequence[float] | None = None,
+                     total_tokens: int | None = None, seed: int = 1234) -> list:
+    """The document sources to pack: ``datasets`` as given when there is one, else one :class:`BlendedDataset`.
+
+    Datasets with a ``prefix`` (``IndexedDataset``) are named from their provenance, as in
+    :func:`blend_from_prefixes`. Used identically by training and the teacher-cache tool, so both
+    see the same windows.
+    """
+    if len(datasets) <= 1:
+        return list(datasets)
+    prefixes = [getattr(ds, "prefix", None) for ds in datasets]
+    names = _prefix_names(prefixes) if all(p is not None for p in prefixes) else None
+    return [BlendedDataset(datasets, weights=weights or None, alpha=alpha, total_tokens=total_tokens or None, seed=seed,
+                           names=names)]
+
+
+def underlying_datasets(datasets: Sequence) -> list:
+    """The datasets inside any blend in ``datasets`` (for fingerprints), in order."""
+    return [inner for ds in datasets for inner in (ds.datasets if isinstance(ds, BlendedDataset) else [ds])]
