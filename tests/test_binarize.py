@@ -225,3 +225,30 @@ def test_cli_strict_and_output_dir(tmp_path, tiny_tokenizer, sib200_dir, capsys)
     assert code == 0
     assert read_provenance(tmp_path / "out" / "sat_Olck")["dropped"] == {"invalid_utf8": 1}
     assert len(IndexedDataset(tmp_path / "out" / "hin_Deva")) == 99
+
+
+def test_romanized_twin_is_paired_document_by_document(sib200_dir, tiny_tokenizer, tmp_path):
+    from megadistill.data.romanize import Romanizer
+
+    dev = sib200_dir / "hin_Deva" / "dev.tsv"
+    options = binarize_tool.BinarizeOptions(romanize="iast", dedup=True, block_bytes=4096)
+    meta = binarize_tool.binarize([dev], tiny_tokenizer, tmp_path / "hin_Deva", options, show_progress=False)
+    native, roman = IndexedDataset(tmp_path / "hin_Deva"), IndexedDataset(tmp_path / "hin_Deva.iast")
+    roman_meta = read_provenance(tmp_path / "hin_Deva.iast")
+    assert len(native) == len(roman) == meta["documents"] == roman_meta["documents"] == 99
+    assert meta["romanized_as"] == str(tmp_path / "hin_Deva.iast")
+    info = roman_meta["romanization"]
+    assert info["scheme"] == "iast" and info["paired_with"] == str(tmp_path / "hin_Deva")
+    assert info["native_characters"] > 0 and 0 <= info["unmapped_fraction"] < 0.01
+    romanizer = Romanizer("Deva", "iast", "hin")
+    from conftest import read_sib200_texts
+
+    texts = [unicodedata.normalize("NFC", t) for t in read_sib200_texts(sib200_dir, "hin_Deva", "dev")]
+    eos = [tiny_tokenizer.eos_token_id]
+    for i in (0, 50, 98):  # document i of the twin is document i of the native dataset, romanized
+        assert roman[i].tolist() == tiny_tokenizer(romanizer.romanize(texts[i])).input_ids + eos
+        assert native[i].tolist() == tiny_tokenizer(texts[i]).input_ids + eos
+    assert roman_meta["characters"] == sum(len(romanizer.romanize(t)) for t in texts)
+    with pytest.raises(ValueError, match="needs the source script"):
+        binarize_tool.binarize([tmp_path / "x.txt"], tiny_tokenizer, tmp_path / "x",
+                               binarize_tool.BinarizeOptions(romanize="iast"), show_progress=False)

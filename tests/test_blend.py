@@ -260,3 +260,30 @@ def test_duplicate_names_are_made_unique(tmp_path):
         _write(tmp_path / prefix, docs, meta)
     blend = blend_from_prefixes([tmp_path / p for p in ("a/hin_Deva", "b/hin_Deva", "b/hin_Deva.part2")])
     assert blend.names == ["hin_Deva#0", "hin_Deva#1", "hin_Deva:hin_Deva.part2"]
+
+
+def test_blend_if_several_is_what_training_and_the_cache_tool_pack():
+    from megadistill.data.blend import blend_if_several, underlying_datasets
+
+    single = [toy(0, 10)]
+    assert blend_if_several(single) == single and underlying_datasets(single) == single
+    datasets = three_languages()
+    [blend] = blend_if_several(datasets, alpha=0.3, seed=9)
+    assert isinstance(blend, BlendedDataset) and underlying_datasets([blend]) == datasets
+    again = blend_if_several(datasets, alpha=0.3, seed=9)[0]
+    assert np.array_equal(blend.dataset_index, again.dataset_index)  # same windows for training and the cache tool
+    weighted = blend_if_several(datasets, weights=[1, 1, 1], total_tokens=30_000)[0]
+    assert [round(r["weight"], 3) for r in weighted.report()] == [0.333] * 3
+
+
+def test_config_validates_blend_fields():
+    from megadistill.config import RunConfig, validate
+
+    cfg = RunConfig()
+    cfg.data.train_prefixes = ["a", "b"]
+    cfg.data.blend_weights = [1.0]
+    with pytest.raises(ValueError, match="one weight per data.train_prefixes"):
+        validate(cfg)
+    cfg.data.blend_weights, cfg.data.blend_alpha = [], 1.5
+    with pytest.raises(ValueError, match=r"data.blend_alpha must be in \[0, 1\]"):
+        validate(cfg)

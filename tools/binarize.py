@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from megadistill.data.dedup import HashSet, dedup_sentences
 from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
-from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
+from megadistill.data.indexed import (IndexedDatasetWriter, read_provenance, token_dtype_for_vocab, tokenizer_sha256,
+                                      write_provenance)
 from megadistill.data.sources import (DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, Block, SourceStats, corpus_format,
                                       language_from_path, no_documents_error, read_blocks)
 
@@ -294,7 +295,7 @@ def binarize(
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     language, script = _language(inputs[0], language, script)
     bos_id, eos_id, adds_bos, adds_eos = special_token_layout(tokenizer)
-    encoder = DocumentEncoder(tokenizer, [] if adds_eos else [eos_id], script, _romanizer(script, options),
+    encoder = DocumentEncoder(tokenizer, [] if adds_eos else [eos_id], script, _romanizer(language, script, options),
                               native=not options.romanize_only, dedup=options.dedup)
     prefixes = _output_prefixes(output_prefix, options)
     totals = _Totals(tokens={kind: 0 for kind in prefixes})
@@ -333,15 +334,15 @@ def _language(first_input, language: str | None, script: str | None) -> tuple[st
     return language or path_language, script or path_script
 
 
-def _romanizer(script: str | None, options: BinarizeOptions):
-    """A Romanizer for ``options.romanize`` (None without one); ValueError if the script is unknown."""
+def _romanizer(language: str | None, script: str | None, options: BinarizeOptions):
+    """A Romanizer for ``options.romanize`` (None without one); ValueError if the script is unknown or unsupported."""
     if not options.romanize:
         return None
     if not script:
         raise ValueError("--romanize needs the source script: pass --script (e.g. Deva) or name inputs like hin_Deva/...")
     from megadistill.data.romanize import Romanizer
 
-    return Romanizer(script, options.romanize)
+    return Romanizer(script, options.romanize, language)
 
 
 def _output_prefixes(output_prefix: Path, options: BinarizeOptions) -> dict[str, Path]:
@@ -411,8 +412,13 @@ def _output_meta(base: dict, kind: str, totals: _Totals, prefixes: dict[str, Pat
     """The provenance of one output: token count, and for a romanized one its scheme, report and native twin."""
     meta = dict(base, tokens=totals.tokens[kind])
     if kind == "romanized":
-        meta["characters"] = totals.romanized_characters
-        meta["romanization"] = {"scheme": options.romanize, "native_characters": base["characters"], **totals.romanize,
+        from megadistill.data.romanize import resolve_scheme
+
+        meta["characters"] = totals.romanized_characters  # of the romanized text (for its bits per character)
+        counts = dict(totals.romanize)  # over the documents as read (before deduplication)
+        fraction = counts.get("unmapped_characters", 0) / max(counts.get("native_characters", 0), 1)
+        meta["romanization"] = {"scheme": options.romanize, "package_scheme": resolve_scheme(options.romanize),
+                                **counts, "unmapped_fraction": fraction,
                                 "paired_with": str(prefixes["native"]) if "native" in prefixes else None}
     elif "romanized" in prefixes:
         meta["romanized_as"] = str(prefixes["romanized"])
@@ -511,6 +517,11 @@ def summary(meta: dict[str, Any], prefix: Path, seconds: float | None = None) ->
         text += f"; {mixed:,} documents mostly outside script {meta['script']} (kept)"
     if meta.get("romanized_as"):
         text += f"; romanized copy {meta['romanized_as']}"
+    romanization = meta.get("romanization")
+    if romanization:
+        text += (f"; romanized ({romanization['scheme']}): {romanization.get('unmapped_characters', 0):,} of "
+                 f"{romanization.get('native_characters', 0):,} native characters unmapped "
+                 f"({romanization['unmapped_fraction']:.2%})")
     return text
 
 
@@ -535,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
             meta = binarize(inputs, tokenizer, prefix, options, language=args.lang, script=args.script,
                             tokenizer_name=args.tokenizer, show_progress=not args.no_progress)
             print(summary(meta, prefix, time.perf_counter() - started))
+            if meta.get("romanized_as"):
+                twin = Path(meta["romanized_as"])
+                print(summary(read_provenance(twin), twin))
     except (ValueError, FileNotFoundError) as err:
         print(f"binarize: error: {err}", file=sys.stderr)
         return 2

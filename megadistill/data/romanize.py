@@ -16,12 +16,16 @@ punctuation, other scripts) is copied unchanged. Before a run is transliterated:
 * Malayalam chillu letters (U+0D7A-U+0D7F, which the package does not map) become
   consonant + virama, their older encoding, romanized identically by ISO 15919 (ൽ -> l).
 
+A native letter that the package's Devanagari-keyed table gives for several Devanagari letters
+is read as the first of them (Tamil க -> ka, not gha; Bengali ব -> ba, not va), as in ISO 15919.
+
 File naming convention: a romanized corpus sits beside the native one as ``<lang>_<Script>.<scheme>``
 (see :func:`romanized_prefix`).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -174,7 +178,29 @@ def source_scheme(script: str, language: str | None = None) -> str:
 @lru_cache(maxsize=None)
 def _scheme_map(source: str, target: str) -> sanscript.SchemeMap:
     """The package's ``SchemeMap`` from ``source`` to ``target`` (built once per process)."""
-    return sanscript.SchemeMap(sanscript.SCHEMES[source], sanscript.SCHEMES[target])
+    return sanscript.SchemeMap(_reading_scheme(source), sanscript.SCHEMES[target])
+
+
+@lru_cache(maxsize=None)
+def _reading_scheme(name: str):
+    """The package's scheme ``name``; for a native script, each consonant read as its *first* Devanagari key.
+
+    The package keys its tables on Devanagari, so a letter standing for several (Tamil க for
+    क ख ग घ, Bengali ব for ब व) would be read as the last one (க -> gha, ব -> va); ISO 15919
+    reads the first (க -> ka, ব -> ba).
+    """
+    scheme = sanscript.SCHEMES[name]
+    if scheme.is_roman:
+        return scheme
+    scheme, seen = copy.deepcopy(scheme), set()
+    for group in ("consonants", "extra_consonants"):
+        entries = scheme.get(group, {})
+        for key, value in list(entries.items()):
+            if value in seen:
+                del entries[key]
+            elif value:
+                seen.add(value)
+    return scheme
 
 
 @lru_cache(maxsize=None)
