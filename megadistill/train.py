@@ -180,8 +180,7 @@ def main(argv=None) -> int:
     sources = blend_if_several(train_sets, cfg.data.blend_alpha, cfg.data.blend_weights, cfg.data.blend_total_tokens,
                                seed=cfg.train.seed)
     if isinstance(sources[0], BlendedDataset) and distributed.is_main():
-        log.info("language blend (alpha %s%s):
-%s", cfg.data.blend_alpha, ", explicit weights" if cfg.data.blend_weights else "",
+        log.info("language blend (alpha %s%s):\n%s", cfg.data.blend_alpha, ", explicit weights" if cfg.data.blend_weights else "",
                  format_report(sources[0].report()))
         atomic_write_text(run_dir / "blend.json", json.dumps(sources[0].report(), indent=2))
     train_data = PackedDataset(sources, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=offline)

@@ -28,7 +28,7 @@ from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 try:
     import megadistill
@@ -39,7 +39,7 @@ except ImportError:  # run as `python tools/binarize.py` from a checkout without
 import numpy as np
 from tqdm import tqdm
 
-from megadistill.data.dedup import HashSet, dedup_sentences
+from megadistill.data.dedup import HashSet
 from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
 from megadistill.data.indexed import (IndexedDatasetWriter, read_provenance, token_dtype_for_vocab, tokenizer_sha256,
                                       write_provenance)
