@@ -130,13 +130,16 @@ def test_unmapped_source_characters_are_counted():
                                "unmapped_characters": 2, "documents": 2}
 
 
-def test_fixups_for_nfc_nukta_letters_chillus_joiners_and_assamese():
+def test_fixups_nukta_chillus_joiners_first_reading_and_language_tables():
     nfc = lambda s: unicodedata.normalize("NFC", s)  # noqa: E731
     assert nfc("য়") == "\u09af\u09bc"  # NFC decomposes it; the package's table only has U+09DF
     assert Romanizer("Beng", "iso").romanize(nfc("সময়")) == "samaẏa"
     assert Romanizer("Guru", "iso").romanize(nfc("ਜ਼ਮੀਨ")) == "zamīna"
     assert Romanizer("Mlym", "iso").romanize("അവൻ കേരളത്തിൽ") == "avan kēraḷattil"
     assert Romanizer("Knda", "iso").romanize("ಬೋರ್ಡ್\u200c ಅನ್ನು a\u200cb") == "bōrḍ annu a\u200cb"
+    assert Romanizer("Beng", "iso").romanize("বাংলা ভাষা") == "bāṁlā bhāṣā"  # ব read as ब (b), not व (v)
+    assert Romanizer("Taml", "iso").romanize("கடல் பச்சை") == "kaṭal paccai"  # not ghaḍhal bhajhjhai
+    assert Romanizer("Sinh", "iso").romanize("ශ්\u200dරී ලංකාව") == "śrī laṁkāva"
     assert Romanizer("Beng", "iso").romanize("ৱ") == "ৱ"  # the bengali table has no ৱ ...
     assert Romanizer("Beng", "iso", language="asm").romanize("ৱ") == "va"  # ... the assamese one does
 
