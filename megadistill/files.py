@@ -11,7 +11,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` so readers see the old file or the whole new one.
 
     Creates missing parent folders. On any error the temporary file is removed and an
-    existing ``path`` is left untouched; the error propagates. Returns ``path``.
+    existing ``path`` is left untouched; the error propagates. The file gets the permissions a
+    plain ``open(path, "w")`` would give (``0o666`` minus the umask), not ``mkstemp``'s private
+    ``0o600``: provenance and configs are read by other users of a shared cluster. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,8 +21,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; ``os`` has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -255,3 +255,19 @@ def test_check_tokenizer_matches(tiny_tokenizer, sib200_dir, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"tokenizer": {}}))
     with pytest.raises(ValueError, match="no tokenizer.sha256"):
         check_tokenizer_matches(tmp_path / "c", tiny_tokenizer)
+
+
+def test_atomic_text_files_get_ordinary_permissions(tmp_path):
+    """Sidecars are written through mkstemp (mode 0600); they must end up readable like open(..., "w") files."""
+    import os
+
+    from megadistill.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "meta.json", "{}\n")
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644

@@ -43,6 +43,7 @@ from megadistill.data.dedup import HashSet
 from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
 from megadistill.data.indexed import (IndexedDatasetWriter, read_provenance, token_dtype_for_vocab, tokenizer_sha256,
                                       write_provenance)
+from megadistill.data.merge import sum_counts
 from megadistill.data.sources import (DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, Block, SourceStats, corpus_format,
                                       language_from_path, no_documents_error, read_blocks)
 
@@ -381,7 +382,7 @@ def _write_batch(batch: EncodedBatch, writers: dict, totals: _Totals) -> int:
 def _provenance(tokenizer, tokenizer_name, totals: _Totals, stats: list[SourceStats], sources: list, dtype: str,
                 bos_id, adds_bos: bool, language, script) -> dict[str, Any]:
     """Provenance shared by the native and romanized outputs, in the documented key order."""
-    dropped = _merge_counts([s.dropped for s in stats] + [totals.dropped])
+    dropped = sum_counts([s.dropped for s in stats] + [totals.dropped])
     return {
         "format": FORMAT_NAME,
         "tokenizer": {
@@ -423,15 +424,6 @@ def _output_meta(base: dict, kind: str, totals: _Totals, prefixes: dict[str, Pat
     elif "romanized" in prefixes:
         meta["romanized_as"] = str(prefixes["romanized"])
     return meta
-
-
-def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
-    """Reason -> count summed over all dicts, sorted by reason."""
-    merged: dict[str, int] = {}
-    for c in counts:
-        for reason, n in c.items():
-            merged[reason] = merged.get(reason, 0) + n
-    return dict(sorted(merged.items()))
 
 
 def _log_warnings(meta: dict, prefix: Path) -> None:

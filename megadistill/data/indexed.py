@@ -169,6 +169,33 @@ class IndexedDatasetWriter:
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.extend(lengths.tolist())
 
+    def add_dataset(self, dataset: "IndexedDataset", chunk_bytes: int = 64 << 20) -> None:
+        """Append every document of ``dataset`` by copying its ``.bin`` bytes (no token parsing).
+
+        Memory stays at ``chunk_bytes`` plus 8 bytes per document. Used to merge shards.
+
+        Args:
+            dataset: an open dataset in this writer's dtype, one sequence per document.
+            chunk_bytes: bytes copied per read (default 64 MiB).
+        Raises:
+            ValueError: the dtypes differ, or ``dataset`` has several sequences per document
+                (Megatron ``--split-sentences`` output: its document boundaries cannot be kept).
+            RuntimeError: the writer was already finalized or aborted.
+        """
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already closed")
+        if dataset.dtype != self.dtype:
+            raise ValueError(f"{dataset.prefix}.idx: token dtype {dataset.dtype.name}, the output is {self.dtype.name}")
+        if len(dataset.document_indices) != len(dataset) + 1:
+            raise ValueError(
+                f"{dataset.prefix}.idx: {len(dataset.document_indices) - 1} documents hold {len(dataset)} sequences; "
+                "merging keeps one sequence per document, so sentence-split Megatron files are refused"
+            )
+        with open(Path(f"{dataset.prefix}.bin"), "rb") as src:
+            while chunk := src.read(chunk_bytes):
+                self._bin.write(chunk)
+        self._lengths.frombytes(dataset.sizes.astype(np.int64).tobytes())  # native int64, as array('q')
+
     def _checked_tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """``ids`` as a 1-D integer array after range checks against ``self.dtype``."""
         doc = len(self._lengths)
