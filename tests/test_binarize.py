@@ -206,6 +206,9 @@ def test_output_dir_groups_inputs_by_language(sib200_dir, tmp_path):
     inputs = [str(sib200_dir / lang / "dev.tsv") for lang in ("hin_Deva", "ben_Beng")] + [str(sib200_dir / "hin_Deva" / "test.tsv")]
     groups = binarize_tool.group_by_language(inputs, tmp_path)
     assert groups == {tmp_path / "hin_Deva": [inputs[0], inputs[2]], tmp_path / "ben_Beng": [inputs[1]]}
+    indiccorp = ["/data/indiccorp/hi.txt.xz", "/data/indiccorp/as.txt", "/data/sangraha/hin/0.parquet"]
+    assert binarize_tool.group_by_language(indiccorp, tmp_path) == {
+        tmp_path / "hin_Deva": [indiccorp[0], indiccorp[2]], tmp_path / "asm_Beng": [indiccorp[1]]}
     with pytest.raises(ValueError, match="no language code"):
         binarize_tool.group_by_language(["/data/corpus.txt"], tmp_path)
 

@@ -149,8 +149,13 @@ def test_stats_accumulate_across_files(tmp_path):
         ("/data/sib200/hin_Deva/train.tsv", ("hin", "Deva")),
         ("corpora/sat_Olck.txt", ("sat", "Olck")),
         ("corpora/eng_Latn/hin_Deva.iast.jsonl", ("hin", "Deva")),
-        ("/data/indiccorp/hi.txt", (None, None)),
+        ("/data/indiccorp/hi.txt", ("hin", "Deva")),  # IndicCorp v2 file names
+        ("/data/indiccorp/sat.txt.xz", ("sat", "Olck")),
+        ("/data/sangraha/verified/ori/data-0.parquet", ("ory", "Orya")),  # Sangraha folders
+        ("/data/sangraha/verified/asm/hi.parquet", ("hin", "Deva")),  # innermost component first
+        ("/data/ben/kas_Deva.txt", ("kas", "Deva")),  # a FLORES code beats a bare one
         ("/data/HIN_DEVA/x.txt", (None, None)),
+        ("/data/history/notes.txt", (None, None)),  # only whole components are codes
     ],
 )
 def test_language_from_path(path, expected):

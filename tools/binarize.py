@@ -488,7 +488,8 @@ def group_by_language(inputs: list[str], output_dir: Path) -> dict[Path, list[st
     for path in inputs:
         language, script = language_from_path(path)
         if language is None:
-            raise ValueError(f"{path}: no language code like hin_Deva in the path; use --output-prefix with --lang/--script")
+            raise ValueError(f"{path}: no language code in the path (hin_Deva, or IndicCorp/Sangraha style "
+                             "hi.txt, hin/); use --output-prefix with --lang/--script")
         groups.setdefault(output_dir / f"{language}_{script}", []).append(path)
     return groups
 

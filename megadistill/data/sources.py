@@ -35,6 +35,25 @@ DEFAULT_BLOCK_BYTES = 2**20
 _MAX_DOCUMENT_BYTES = 64 * 2**20
 # FLORES-200 / SIB-200 language code: ISO 639-3 + "_" + ISO 15924 script (hin_Deva, sat_Olck).
 _LANG_SCRIPT = re.compile(r"(?<![A-Za-z])([a-z]{3})_([A-Z][a-z]{3})(?![A-Za-z])")
+# Bare ISO 639-1 / 639-2/3 codes as IndicCorp v2 names its files (hi.txt, sat.txt) and Sangraha its
+# folders (verified/hin/, ori/), each with the script FLORES-200 uses for the language. Languages
+# written in several scripts (kas, snd, mni, sat) get FLORES's; pass --script for another one, and
+# the mixed-script check in binarize counts documents that disagree.
+CORPUS_LANGUAGE_CODES: dict[str, tuple[str, str]] = {
+    code: flores
+    for codes, flores in [
+        (("hi", "hin"), ("hin", "Deva")), (("bn", "ben"), ("ben", "Beng")), (("as", "asm"), ("asm", "Beng")),
+        (("or", "ori", "ory"), ("ory", "Orya")), (("ta", "tam"), ("tam", "Taml")), (("te", "tel"), ("tel", "Telu")),
+        (("kn", "kan"), ("kan", "Knda")), (("ml", "mal"), ("mal", "Mlym")), (("mr", "mar"), ("mar", "Deva")),
+        (("gu", "guj"), ("guj", "Gujr")), (("pa", "pan"), ("pan", "Guru")), (("ur", "urd"), ("urd", "Arab")),
+        (("ne", "nep", "npi"), ("npi", "Deva")), (("sa", "san"), ("san", "Deva")), (("sat",), ("sat", "Olck")),
+        (("mai",), ("mai", "Deva")), (("ks", "kas"), ("kas", "Arab")), (("sd", "snd"), ("snd", "Arab")),
+        (("mni",), ("mni", "Beng")), (("gom",), ("gom", "Deva")), (("brx",), ("brx", "Deva")),
+        (("doi",), ("doi", "Deva")), (("bho",), ("bho", "Deva")), (("mag",), ("mag", "Deva")),
+        (("awa",), ("awa", "Deva")), (("hne",), ("hne", "Deva")), (("en", "eng"), ("eng", "Latn")),
+    ]
+    for code in codes
+}
 
 
 @dataclass
@@ -82,15 +101,23 @@ class SourceStats:
 
 
 def language_from_path(path: str | Path) -> tuple[str | None, str | None]:
-    """FLORES-style ``(language, script)`` found in the path, innermost component first.
+    """``(language, script)`` named by the path, innermost component first.
 
-    ``.../hin_Deva/train.tsv`` -> ``("hin", "Deva")``; ``sat_Olck.txt`` -> ``("sat", "Olck")``;
-    no ``xxx_Xxxx`` component -> ``(None, None)``.
+    A FLORES-style ``xxx_Xxxx`` code anywhere in the path wins: ``.../hin_Deva/train.tsv`` ->
+    ``("hin", "Deva")``, ``sat_Olck.txt`` -> ``("sat", "Olck")``. Otherwise a whole component that is
+    a bare code of :data:`CORPUS_LANGUAGE_CODES` (IndicCorp v2 ``hi.txt.xz``, Sangraha
+    ``verified/ori/part-0.parquet``) gives that code's FLORES language and script. Nothing found
+    -> ``(None, None)``.
     """
-    for part in reversed(Path(str(path).removeprefix(HF_PREFIX)).parts):
+    parts = Path(str(path).removeprefix(HF_PREFIX)).parts
+    for part in reversed(parts):
         match = _LANG_SCRIPT.search(part)
         if match:
             return match.group(1), match.group(2)
+    for i, part in enumerate(reversed(parts)):
+        name = part.split(".", 1)[0] if i == 0 else part  # hi.txt.xz -> hi; folders as they are
+        if name.lower() in CORPUS_LANGUAGE_CODES:
+            return CORPUS_LANGUAGE_CODES[name.lower()]
     return None, None
 
 
