@@ -231,8 +231,16 @@ def test_tokenizer_hash_is_stable_and_discriminates(tiny_tokenizer, sib200_dir, 
 
     digest = tokenizer_sha256(tiny_tokenizer)
     assert len(digest) == 64
-    tiny_tokenizer(["नमस्ते"], truncation=True, max_length=4)  # mutates backend truncation state
-    assert tokenizer_sha256(tiny_tokenizer) == digest
+    import copy
+
+    from megadistill.data.indexed import _tokenizer_sha256
+
+    mutated = copy.deepcopy(tiny_tokenizer)
+    mutated(["नमस्ते"], truncation=True, max_length=4)  # mutates backend truncation state
+    assert _tokenizer_sha256(mutated) == digest  # uncached: the canonical form ignores truncation
+    assert tokenizer_sha256(mutated) == digest
+    mutated.add_tokens(["<new_token>"])  # the remembered hash must not survive a vocabulary change
+    assert tokenizer_sha256(mutated) == _tokenizer_sha256(mutated) != digest
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     from transformers import AutoTokenizer
 

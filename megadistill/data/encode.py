@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
@@ -22,19 +21,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from megadistill.data.dedup import sentence_hash
+from megadistill.data.scripts import SCRIPT_RANGES, script_letter_counts
 from megadistill.data.sources import Block, SourceStats, parse_block
 
-# ISO 15924 script -> Unicode block(s), for the mixed-script check of the languages we target.
-SCRIPT_BLOCKS: dict[str, str] = {
-    "Deva": "\u0900-\u097f\ua8e0-\ua8ff", "Beng": "\u0980-\u09ff", "Guru": "\u0a00-\u0a7f",
-    "Gujr": "\u0a80-\u0aff", "Orya": "\u0b00-\u0b7f", "Taml": "\u0b80-\u0bff", "Telu": "\u0c00-\u0c7f",
-    "Knda": "\u0c80-\u0cff", "Mlym": "\u0d00-\u0d7f", "Sinh": "\u0d80-\u0dff", "Olck": "\u1c50-\u1c7f",
-    "Mtei": "\uabc0-\uabff\uaae0-\uaaff", "Arab": "\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff",
-    "Latn": "A-Za-z\u00c0-\u024f\u1e00-\u1eff",
-}
 MIXED_SCRIPT_SHARE = 0.5
 """A document is counted as mixed-script when under this share of its letters are in the declared script."""
-_LETTER = re.compile(r"[^\W\d_]")
 
 
 @dataclass
@@ -135,8 +126,6 @@ class DocumentEncoder:
                  native: bool = True, dedup: bool = False) -> None:
         self.tokenizer, self.eos_suffix, self.script = TokenizerHandle(tokenizer), list(eos_suffix), script
         self.romanizer, self.native, self.dedup = romanizer, native, dedup
-        block = SCRIPT_BLOCKS.get(script or "")
-        self._native_chars = re.compile(f"[{block}]") if block else None
 
     def encode(self, block: Block) -> EncodedBatch:
         """Parse a block (:func:`megadistill.data.sources.parse_block`) and encode its documents.
@@ -182,16 +171,11 @@ class DocumentEncoder:
         return ids, lengths
 
     def _mixed_script(self, texts: list[str]) -> list[int]:
-        """Positions of texts whose letters are mostly outside the declared script."""
-        if self._native_chars is None:
+        """Positions of texts whose letters are mostly outside the declared script (none for unknown scripts)."""
+        if self.script not in SCRIPT_RANGES or not texts:
             return []
-        mixed = []
-        for i, text in enumerate(texts):
-            letters = len(text) - len(_LETTER.sub("", text))
-            native = len(text) - len(self._native_chars.sub("", text))
-            if letters and native < MIXED_SCRIPT_SHARE * letters:
-                mixed.append(i)
-        return mixed
+        letters, native = script_letter_counts(texts, self.script)
+        return np.flatnonzero((letters > 0) & (native < MIXED_SCRIPT_SHARE * letters)).tolist()
 
 
 _WORKER_ENCODER: DocumentEncoder | None = None

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from indic_transliteration import sanscript
 
+from megadistill.data.scripts import SCRIPT_RANGES
+
 # ISO 15924 script code (as in FLORES-200 language codes) -> indic_transliteration source scheme.
 SCRIPT_SCHEMES: dict[str, str] = {
     "Deva": "devanagari",
@@ -53,18 +55,10 @@ LANGUAGE_SCHEMES: dict[tuple[str, str], str] = {
     ("asm", "Beng"): "assamese",  # ৰ and ৱ; the bengali table leaves ৱ unmapped
 }
 
-# Unicode block (first, last code point) of each supported script.
+# Main Unicode block (first, last code point) of each supported script (from megadistill.data.scripts).
 SCRIPT_BLOCKS: dict[str, tuple[int, int]] = {
-    "Deva": (0x0900, 0x097F),
-    "Beng": (0x0980, 0x09FF),
-    "Guru": (0x0A00, 0x0A7F),
-    "Gujr": (0x0A80, 0x0AFF),
-    "Orya": (0x0B00, 0x0B7F),
-    "Taml": (0x0B80, 0x0BFF),
-    "Telu": (0x0C00, 0x0C7F),
-    "Knda": (0x0C80, 0x0CFF),
-    "Mlym": (0x0D00, 0x0D7F),
-    "Sinh": (0x0D80, 0x0DFF),
+    script: SCRIPT_RANGES[script][0]
+    for script in ("Deva", "Beng", "Guru", "Gujr", "Orya", "Taml", "Telu", "Knda", "Mlym", "Sinh")
 }
 
 # Scripts found in Indic corpora that this module refuses, and why.
