@@ -166,5 +166,8 @@ def test_cli_glob_merges_in_sorted_order(shards, tmp_path, capsys):
     assert merge_tool.main(["--input-glob", str(root / "hin_Deva.0?"), "--output-prefix", str(out)]) == 0
     assert "2 shards" in capsys.readouterr().out
     assert _bytes(out, ".bin") == _bytes(together, ".bin")
+    suffixed = tmp_path / "suffixed"  # file names given instead of prefixes name the same shards
+    assert merge_tool.main(["--input", f"{prefixes[0]}.idx", f"{prefixes[1]}.json", "--output-prefix", str(suffixed)]) == 0
+    assert _bytes(suffixed, ".bin") == _bytes(together, ".bin")
     assert merge_tool.main(["--input-glob", str(root / "nothing*"), "--output-prefix", str(out)]) == 2
     assert "no .idx file matches" in capsys.readouterr().err

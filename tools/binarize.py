@@ -43,9 +43,9 @@ from megadistill.data.dedup import HashSet
 from megadistill.data.encode import EncodedBatch, DocumentEncoder, encode_batches
 from megadistill.data.indexed import (IndexedDatasetWriter, read_provenance, token_dtype_for_vocab, tokenizer_sha256,
                                       write_provenance)
-from megadistill.data.merge import sum_counts
 from megadistill.data.sources import (DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, Block, SourceStats, corpus_format,
-                                      language_from_path, no_documents_error, read_blocks)
+                                      language_from_path, no_documents_error, read_blocks,
+                                      sum_counts)
 
 logger = logging.getLogger(__name__)
 

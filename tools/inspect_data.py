@@ -34,7 +34,8 @@ except ImportError:  # run as `python tools/inspect_data.py` from a checkout wit
 
 import numpy as np
 
-from megadistill.data.indexed import DTYPE_CODES, MMIDIDX_MAGIC, MMIDIDX_VERSION, read_provenance, tokenizer_sha256
+from megadistill.data.indexed import (DTYPE_CODES, MMIDIDX_MAGIC, MMIDIDX_VERSION, dataset_prefix, read_provenance,
+                                      tokenizer_sha256)
 
 PROG = "inspect_data"
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count (34 bytes)
@@ -116,14 +117,6 @@ class Inspection:
 def files_of(prefix: str | Path) -> tuple[Path, Path, Path]:
     """``(<prefix>.idx, <prefix>.bin, <prefix>.json)``; suffixes are appended, never replaced."""
     return Path(f"{prefix}.idx"), Path(f"{prefix}.bin"), Path(f"{prefix}.json")
-
-
-def normalize_prefix(arg: str | Path) -> Path:
-    """The prefix for a command-line argument: ``x.idx``/``x.bin``/``x.json`` mean ``x`` unless ``x.idx.idx`` exists."""
-    path = Path(arg)
-    if path.suffix in (".idx", ".bin", ".json") and not Path(f"{path}.idx").exists():
-        return path.with_suffix("")
-    return path
 
 
 def require_files(prefix: str | Path) -> None:
@@ -606,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 when every dataset is valid, 1 when problems were found, 2 on usage errors."""
     args = parse_args(argv)
     try:
-        prefixes = [normalize_prefix(p) for p in args.prefix]
+        prefixes = [dataset_prefix(p) for p in args.prefix]
         for prefix in prefixes:  # before the (slow) tokenizer load
             require_files(prefix)
         tokenizer = _load_tokenizer(args.tokenizer, args.cache_dir)

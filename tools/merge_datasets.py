@@ -28,6 +28,7 @@ except ImportError:  # run as `python tools/merge_datasets.py` from a checkout w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import megadistill  # noqa: F401
 
+from megadistill.data.indexed import dataset_prefix
 from megadistill.data.merge import merge_datasets
 
 PROG = "merge_datasets"
@@ -52,12 +53,12 @@ def shard_prefixes(args: argparse.Namespace) -> list[str]:
         FileNotFoundError: the glob matches no ``.idx`` file.
     """
     if args.input:
-        return [p[: -len(".idx")] if p.endswith((".idx", ".bin")) else p for p in args.input]
+        return [str(dataset_prefix(p)) for p in args.input]
     pattern = args.input_glob if args.input_glob.endswith(".idx") else args.input_glob + ".idx"
     matches = sorted(glob.glob(pattern))
     if not matches:
         raise FileNotFoundError(f"--input-glob {args.input_glob!r}: no .idx file matches {pattern!r}")
-    return [m[: -len(".idx")] for m in matches]
+    return [str(dataset_prefix(m)) for m in matches]
 
 
 def main(argv: list[str] | None = None) -> int:

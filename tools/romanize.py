@@ -38,7 +38,7 @@ except ImportError:  # run as `python tools/romanize.py` from a checkout without
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistill.data.romanize import LATIN_SCHEMES, Romanizer, RomanizeStats, resolve_scheme
-from megadistill.data.sources import SourceStats, language_from_path, read_documents
+from megadistill.data.sources import SourceStats, language_from_path, read_documents, sum_counts
 
 OUTPUT_FORMATS = (".tsv", ".jsonl")
 # Everything str.splitlines() breaks on, and the tab: they would break a TSV row.
@@ -160,12 +160,9 @@ def report(stats: dict[str, RomanizeStats], sources: list[SourceStats], output: 
     for key, s in stats.items():
         lines.append(f"{key:<12} {s.documents:>10,} {s.characters:>12,} {s.native_characters:>12,} "
                      f"{s.unmapped_characters:>10,} {s.unmapped_fraction():>9.4%}")
-    dropped: dict[str, int] = {}
-    for source in sources:
-        for reason, n in source.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + n
+    dropped = sum_counts(source.dropped for source in sources)
     if dropped:
-        lines.append("dropped records: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(dropped.items())))
+        lines.append("dropped records: " + ", ".join(f"{reason} {n:,}" for reason, n in dropped.items()))
     return "\n".join(lines)
 
 

@@ -82,6 +82,15 @@ def _paths(prefix: str | Path) -> tuple[Path, Path]:
     return Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
 
 
+def dataset_prefix(arg: str | Path) -> Path:
+    """The dataset prefix a command-line argument names: ``x.idx``/``x.bin``/``x.json`` mean ``x``
+    (unless ``x.idx.idx`` exists, i.e. the prefix itself ends in ``.idx``); anything else is the prefix."""
+    path = Path(arg)
+    if path.suffix in (".idx", ".bin", ".json") and not Path(f"{path}.idx").exists():
+        return path.with_suffix("")
+    return path
+
+
 def _dtype_code(dtype: np.dtype) -> int:
     """Megatron dtype code of ``dtype``; ValueError if Megatron's table lacks it."""
     code = _CODE_OF_DTYPE.get(np.dtype(dtype))

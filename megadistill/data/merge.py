@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance, write_provenance
+from megadistill.data.sources import sum_counts
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,3 @@ def _merged_romanization(reports: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = sum(int(r.get(key) or 0) for r in reports)
     out["unmapped_fraction"] = out.get("unmapped_characters", 0) / max(out.get("native_characters", 0), 1)
     return out
-
-
-def sum_counts(counts) -> dict[str, int]:
-    """``{reason: count}`` summed over an iterable of such dicts, sorted by reason (e.g. dropped-record counts)."""
-    total: dict[str, int] = {}
-    for c in counts:
-        for reason, n in c.items():
-            total[reason] = total.get(reason, 0) + int(n)
-    return dict(sorted(total.items()))

@@ -100,6 +100,15 @@ class SourceStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
+def sum_counts(counts) -> dict[str, int]:
+    """``{reason: count}`` summed over an iterable of such dicts, sorted by reason (e.g. dropped-record counts)."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
 def language_from_path(path: str | Path) -> tuple[str | None, str | None]:
     """``(language, script)`` named by the path, innermost component first.
 
