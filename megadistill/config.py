@@ -20,6 +20,11 @@ from megadistill.files import atomic_write_text
 from megadistill.losses.divergences import DIVERGENCES
 from megadistill.losses.schedule import SCHEDULES
 
+STAGE_NAMES = ("pre",)
+"""Stages ``train.py`` can dispatch to (one module each in ``megadistill/stages/``)."""
+TEACHER_MODES = ("online", "offline", "none")
+"""Where the teacher signal comes from (:mod:`megadistill.teachers`)."""
+
 
 @dataclass
 class TeacherConfig:
@@ -30,7 +35,9 @@ class TeacherConfig:
     cache_dir: str | None = None
     """Where converted GGUF teachers are cached (default ``$MEGADISTILL_CACHE`` or ``~/.cache/megadistill``)."""
     mode: str = "online"
-    """``online`` (run the teacher every step) or ``offline`` (read ``logit_cache`` instead)."""
+    """``online`` (run the teacher every step), ``offline`` (read ``logit_cache`` instead) or ``none``
+    (no teacher signal: the no-teacher baseline on the same data and tokens; the teacher checkpoint is
+    read only to build the student, never run)."""
     logit_cache: str | None = None
     """Directory written by ``tools/cache_teacher_logits.py`` (top-k log-probs or final hidden states); ``mode: offline`` only."""
 
@@ -40,7 +47,10 @@ class StudentConfig:
     """How the student is built from the teacher."""
 
     init: str = "from_teacher"
-    """``from_teacher`` (copy mapped layers) or ``random`` (same shape, fresh weights)."""
+    """``from_teacher`` (copy mapped layers), ``random`` (same shape, fresh weights) or ``checkpoint``
+    (load ``student.checkpoint``, e.g. an earlier run's ``hf/`` export)."""
+    checkpoint: str | None = None
+    """Hugging Face directory of the student for ``init: checkpoint`` (with its tokenizer and, if trimmed, ``vocab_map.json``)."""
     layer_map: Any = 4
     """Student depth: an int (uniform, first and last teacher layer kept), ``every:k``, or a list of teacher layer indices."""
     trim_vocab: bool = True
@@ -68,6 +78,10 @@ class DataConfig:
     """Explicit blend weights, one per training prefix (normalized); overrides ``blend_alpha``."""
     blend_total_tokens: int = 0
     """Tokens in one pass over the blend; 0 = the sum of all training prefixes' tokens."""
+    mask_prob: float = 0.15
+    """Masked LM (encoder teachers): fraction of maskable tokens predicted per window (BERT: 0.15)."""
+    whole_word: bool = False
+    """Masked LM: mask whole words (all pieces of a selected word) instead of single tokens."""
 
 
 @dataclass
@@ -100,6 +114,8 @@ class LossConfig:
     """Temperature at the end of the schedule (None: constant)."""
     schedule_steps: int = 0
     """Optimizer steps the schedules take (0: train.max_steps)."""
+    kd_positions: str = "masked"
+    """Masked LM: KD at the ``masked`` positions only (DistilBERT) or at ``all`` positions of the window."""
 
 
 @dataclass
@@ -176,6 +192,8 @@ class RunConfig:
 
     run_dir: str = "runs/default"
     """Output directory: config, metrics, tensorboard, checkpoints, HF export."""
+    stage: str = "pre"
+    """Which stage runs (``megadistill/stages/``): ``pre`` (pre-training distillation on unlabeled text)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -275,7 +293,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Range checks that the type system cannot express. Raises ``ValueError`` naming the key."""
     checks = [
-        (cfg.student.init in ("from_teacher", "random"), "student.init must be from_teacher or random"),
+        (cfg.stage in STAGE_NAMES, f"stage must be one of {', '.join(STAGE_NAMES)}"),
+        (cfg.student.init in ("from_teacher", "random", "checkpoint"), "student.init must be from_teacher, random or checkpoint"),
+        (cfg.student.init != "checkpoint" or cfg.student.checkpoint, "student.init checkpoint needs student.checkpoint (an HF directory)"),
+        (0.0 < cfg.data.mask_prob < 1.0, "data.mask_prob must be in (0, 1)"),
+        (cfg.loss.kd_positions in ("masked", "all"), "loss.kd_positions must be masked or all"),
         (cfg.data.seq_len_tokens >= 8, "data.seq_len_tokens must be >= 8"),
         (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
         (cfg.loss.ce_weight >= 0 and cfg.loss.kd_weight >= 0, "loss weights must be >= 0"),
@@ -294,7 +316,7 @@ def validate(cfg: RunConfig) -> None:
          f"data.blend_weights needs one weight per data.train_prefixes entry ({len(cfg.data.train_prefixes)})"),
         (all(w > 0 for w in cfg.data.blend_weights), "data.blend_weights must be > 0"),
         (cfg.data.blend_total_tokens >= 0, "data.blend_total_tokens must be >= 0 (0 = all tokens once)"),
-        (cfg.teacher.mode in ("online", "offline"), "teacher.mode must be online or offline"),
+        (cfg.teacher.mode in TEACHER_MODES, f"teacher.mode must be one of {', '.join(TEACHER_MODES)}"),
         (cfg.teacher.mode == "online" or cfg.teacher.logit_cache, "teacher.mode offline needs teacher.logit_cache (tools/cache_teacher_logits.py)"),
         (cfg.teacher.mode == "online" or not _features_on(cfg.features), "features.* need the teacher online (teacher.mode: online)"),
         (cfg.features.hidden_loss in ("mse", "cosine"), "features.hidden_loss must be mse or cosine"),

@@ -1,8 +1,10 @@
-"""ZeRO-3 correctness of the chunked distillation loss on 2 gloo ranks vs 1 rank vs plain PyTorch.
+"""ZeRO-3 correctness of the loop's loss on 2 gloo ranks vs 1 rank vs plain PyTorch.
 
 Under ZeRO-3 every rank holds a shard of the student's output projection; the loss must see
 the whole gathered matrix, gather it once per forward (not once per token chunk), and give
-the same losses and the same optimizer step as a single process.
+the same optimizer step as a single process; and the loss of an optimizer step must be the
+mean over the valid tokens of the whole global batch, however unevenly they fall into
+micro-batches (12 and 2 here), not a mean of per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -48,27 +50,53 @@ def runs(tmp_path_factory):
     return launch(1, one), launch(2, two)
 
 
-def reference_step():
-    """Plain PyTorch: per-micro-batch losses, then one AdamW step on the mean gradient (clipped at 1.0)."""
+def reference_grads_and_step(token_mean: bool = True):
+    """Plain PyTorch, full logits: one AdamW step on the global-batch loss (clipped at 1.0).
+
+    ``token_mean``: CE and KD are means over all 14 valid tokens of the two micro-batches (what
+    the loop must do); otherwise the mean of the two micro-batch means (the old reduction).
+    Returns (gradient of the head, parameters after the step).
+    """
+    import torch.nn.functional as F
+
     module = worker.make_module(chunk=1024)
-    losses = []
-    for ids, labels, t_hidden in worker.make_batches():
-        out = module(ids, labels, t_hidden)
-        losses.append([float(out["loss"].detach()), float(out["ce"]), float(out["kd"])])
-        (out["loss"] / 2).backward()  # the average over the global batch, as gradient accumulation / data parallel
+    student, head, tau = module.student, module.teacher_head, 2.0
+    ce_terms, kd_terms = [], []
+    for batch in worker.make_batches():
+        logits = student(batch["input_ids"]).logits[0]
+        valid = batch["labels"][0] != -100
+        t_logits = batch["t_hidden"][0] @ head.T
+        kl = (F.softmax(t_logits / tau, -1) * (F.log_softmax(t_logits / tau, -1) - F.log_softmax(logits / tau, -1))).sum(-1)
+        ce_terms.append(F.cross_entropy(logits[valid], batch["labels"][0][valid], reduction="none"))
+        kd_terms.append(tau**2 * kl[valid])
+    if token_mean:
+        loss = 0.4 * torch.cat(ce_terms).mean() + 0.6 * torch.cat(kd_terms).mean()
+    else:
+        loss = sum(0.4 * c.mean() + 0.6 * k.mean() for c, k in zip(ce_terms, kd_terms)) / 2
+    loss.backward()
     params = [p for p in module.parameters() if p.requires_grad]
+    grad = student.lm_head.weight.grad.clone()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     lr = 1e-2 * warmup_cosine(0, warmup_steps=0, total_steps=10, min_lr_ratio=0.1)
     torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1.0, weight_decay=0.01).step()
-    return losses, {k: v.detach() for k, v in module.student.named_parameters()}
+    return grad, {k: v.detach() for k, v in student.named_parameters()}
 
 
-def test_losses_equal_single_process(runs):
+def test_step_stats_count_the_global_batch(runs):
     one, two = runs
-    ref_losses, _ = reference_step()
-    torch.testing.assert_close(torch.tensor(one[0]["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    per_rank = torch.tensor([two[0]["losses"][0], two[1]["losses"][0]])
-    torch.testing.assert_close(per_rank, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for result in (one[0], two[0], two[1]):
+        totals = result["stats"][0]
+        assert totals["ce_tokens"] == sum(worker.VALID_TOKENS) and totals["micro_batches"] == 2
+        assert result["consumed"] == 2
+    torch.testing.assert_close(torch.tensor(two[0]["stats"][0]["ce_sum"]), torch.tensor(one[0]["stats"][0]["ce_sum"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_token_mean_differs_from_mean_of_micro_batch_means():
+    """The uneven batches make the two reductions differ, so the step test below can tell them apart."""
+    token, _ = reference_grads_and_step(token_mean=True)
+    means, _ = reference_grads_and_step(token_mean=False)
+    assert (token - means).norm() / token.norm() > 0.1
 
 
 def test_loss_reads_the_whole_gathered_head(runs):
@@ -87,9 +115,10 @@ def test_head_is_gathered_once_per_forward_not_per_chunk(runs):
         assert measured[1] == measured[1024], (measured, tokens)
 
 
-def test_optimizer_step_equals_one_rank_and_plain_pytorch(runs):
+def test_optimizer_step_equals_one_rank_and_the_global_token_mean(runs):
+    """2 ranks x 1 micro-batch == 1 rank x 2 accumulated micro-batches == plain PyTorch on the token mean of all 14 tokens."""
     one, two = runs
-    _, ref_params = reference_step()
+    _, ref_params = reference_grads_and_step(token_mean=True)
     assert two[0]["params"].keys() == ref_params.keys()
     for name, ref in ref_params.items():
         torch.testing.assert_close(two[0]["params"][name], one[0]["params"][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -1,9 +1,11 @@
-"""One rank of the ZeRO-3 loss-equality test (run by tests/test_zero3_loss.py in a spawned process).
+"""One rank of the ZeRO-3 loss tests (run by tests/test_zero3_loss.py in spawned processes).
 
-Builds the same tiny student + chunked distillation module on every rank, wraps it in the
-real DeepSpeed ZeRO-3 engine (gloo, CPU), records per-micro-batch losses, the number of
-all-gather collectives one forward issues at two chunk sizes, the shape of the head the
-loss reads, and the gathered parameters after one optimizer step.
+Builds the same tiny student + :class:`LMObjective` on every rank, wraps it in the real
+DeepSpeed ZeRO-3 engine (gloo, CPU), runs one optimizer step of the real loop
+(:func:`megadistill.loop._train_step`) over two micro-batches with 12 and 2 valid label tokens
+(as one rank with 2 accumulation steps, or 2 ranks with one each), and records the per-micro-batch
+stats, the number of all-gather collectives one forward issues at two chunk sizes, the shape of
+the head the loss reads, and the gathered parameters after the step.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, HIDDEN, TEACHER_HIDDEN, BATCH, SEQ = 96, 32, 24, 2, 12
+VOCAB, HIDDEN, TEACHER_HIDDEN, BATCH, SEQ = 96, 32, 24, 1, 16
+VALID_TOKENS = (12, 2)  # label tokens of the two micro-batches: uneven on purpose
 
 
 def make_module(chunk: int):
-    """Tiny Llama student wrapped in DistillStudent with a fixed teacher head (same on every rank)."""
+    """Tiny Llama student in an LMObjective with a fixed teacher head (same on every rank)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megadistill.config import LossConfig
-    from megadistill.stages.pretrain import DistillStudent
+    from megadistill.objectives.lm import LMObjective
+    from megadistill.objectives.spec import KDSpec
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
@@ -32,17 +36,29 @@ def make_module(chunk: int):
     student = LlamaForCausalLM(cfg)
     head = 0.3 * torch.randn(VOCAB, TEACHER_HIDDEN, generator=torch.Generator().manual_seed(1))
     loss = LossConfig(ce_weight=0.4, kd_weight=0.6, temperature=2.0, chunk_size_tokens=chunk)
-    return DistillStudent(student, head, loss, VOCAB)
+    return LMObjective(student, KDSpec.from_config(loss, VOCAB), loss, total_steps=10, teacher_head=head)
 
 
 def make_batches():
-    """Two micro-batches: (input_ids [B, L], labels [B, L], teacher_hidden [B, L, Ht])."""
+    """Two micro-batches (dicts as the CLM batch iterator yields) with 12 and 2 valid labels, and teacher hidden states."""
     g = torch.Generator().manual_seed(2)
     out = []
-    for _ in range(2):
+    for valid in VALID_TOKENS:
         ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-        out.append((ids[:, :-1], ids[:, 1:].clone(), torch.randn(BATCH, SEQ, TEACHER_HIDDEN, generator=g)))
+        labels = ids[:, 1:].clone()
+        labels[:, valid:] = -100
+        out.append({"input_ids": ids[:, :-1], "labels": labels, "dropped_tokens": torch.tensor(0), "samples": 1,
+                    "t_hidden": torch.randn(BATCH, SEQ, TEACHER_HIDDEN, generator=g)})
     return out
+
+
+class FixedTeacher:
+    """Teacher signal stored in the batch (the test's stand-in for an online teacher)."""
+
+    def signal(self, batch):
+        from megadistill.teachers import TeacherSignal
+
+        return TeacherSignal(hidden=batch["t_hidden"])
 
 
 class GatherCounter:
@@ -70,20 +86,20 @@ def run(rank: int, world: int, port: int, out_path: str) -> None:
     sys.path.insert(0, str(ROOT))
     import deepspeed
 
-    import megadistill.stages.pretrain as pretrain
-    from megadistill import distributed, engine
+    import megadistill.objectives.lm as lm
+    from megadistill import distributed, engine, loop
     from megadistill.config import OptimConfig, TrainConfig
 
     distributed.init()
     engine.init_distributed_backend()
     seen_shapes = []
-    original = pretrain.chunked_distill_loss
+    original = lm.chunked_distill_loss
 
     def recording_loss(hidden, weight, *args, **kwargs):
         seen_shapes.append(tuple(weight.shape))
         return original(hidden, weight, *args, **kwargs)
 
-    pretrain.chunked_distill_loss = recording_loss
+    lm.chunked_distill_loss = recording_loss
     module = make_module(chunk=1024)
     train = TrainConfig(micro_batch_size=BATCH, grad_accum_steps=2 // world, max_steps=10)
     # eps=1 makes the first Adam update ~ lr * g (not lr * sign(g)), so the comparison checks the gradients.
@@ -94,15 +110,20 @@ def run(rank: int, world: int, port: int, out_path: str) -> None:
     ds_config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
                                           stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
     student_engine = engine.init_student(module, ds_config, train, optim,
-                                         external_params=[module.student.get_output_embeddings().weight])
+                                         external_params=module.adapter.head_parameters(module.student))
     batches = make_batches()
     mine = batches if world == 1 else [batches[rank]]
-    result = {"losses": [], "shapes": seen_shapes}
-    for ids, labels, t_hidden in mine:
-        out = student_engine(ids, labels, t_hidden)
-        result["losses"].append([float(out["loss"]), float(out["ce"]), float(out["kd"])])
-        student_engine.backward(out["loss"])
-        student_engine.step()
+    stats = []
+
+    def metrics(totals):
+        stats.append(totals)
+        return totals
+
+    parts = loop.LoopParts(engine=student_engine, train_batches=lambda consumed: iter(mine), teacher=FixedTeacher(),
+                           metrics=metrics, save=lambda state: None, tokens_per_sample=SEQ)
+    state = loop.LoopState()
+    loop._train_step(parts, iter(mine), train, state)
+    result = {"stats": stats, "shapes": seen_shapes, "consumed": state.consumed_samples}
     with deepspeed.zero.GatheredParameters(list(module.student.parameters())):
         result["params"] = {k: v.detach().clone() for k, v in module.student.named_parameters()}
     if world > 1:
@@ -110,9 +131,9 @@ def run(rank: int, world: int, port: int, out_path: str) -> None:
         student_engine.eval()
         with torch.no_grad():
             for chunk in (1, 1024, 1, 1024):  # warm-up pair, then the measured pair
-                module.loss_cfg.chunk_size_tokens = chunk
+                module.spec = module.spec.__class__(**{**module.spec.__dict__, "chunk_size_tokens": chunk})
                 before = counter.calls
-                student_engine(*batches[rank])
+                student_engine(batches[rank], FixedTeacher().signal(batches[rank]), 0, None)
                 result.setdefault("gathers", []).append((chunk, counter.calls - before))
     torch.save(result, out_path)
     distributed.barrier()

@@ -1,0 +1,175 @@
+"""THE training loop: a plain function over an iterator of micro-batches, shared by every stage.
+
+It owns gradient accumulation, the global-batch loss normalization, logging, the eval and
+save cadence (including the last step) and ``train.exit_after_steps``. It never sees datasets,
+tokenizers or model families: a stage hands it a :class:`LoopParts` (see ``megadistill/stages/``).
+
+The student engine's module (an objective such as :class:`megadistill.objectives.lm.LMObjective`)
+must provide ``counts(batch) -> {"ce_tokens", "kd_tokens"}`` (from CPU tensors) and
+``forward(batch, signal, step, normalizer) -> {"loss", "stats"}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from megadistill import distributed
+from megadistill.config import TrainConfig
+from megadistill.objectives.spec import LossNormalizer
+
+__all__ = ["LoopParts", "LoopState", "evaluate", "run"]
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must restore besides the engine: optimizer steps done and global samples consumed."""
+
+    step: int = 0
+    consumed_samples: int = 0
+
+
+@dataclass
+class LoopParts:
+    """What a stage hands the loop.
+
+    Attributes:
+        engine: the student engine (DeepSpeed); ``engine.module`` is the objective.
+        train_batches: ``f(consumed_samples) -> iterator`` of this rank's micro-batches (dicts of CPU
+            tensors) from that global sample count on; each dict has ``samples``: global samples
+            (all ranks) the micro-batch consumes.
+        teacher: ``.signal(batch) -> TeacherSignal`` for training batches (:mod:`megadistill.teachers`).
+        metrics: summed stats (over micro-batches and ranks) -> logged metrics (e.g. ``lm_metrics``).
+        save: ``f(state)`` writes a checkpoint (collective: every rank calls it).
+        tokens_per_sample: tokens one sample feeds the student (for tokens/s).
+        eval_batches: ``f() -> iterable`` of this rank's held-out micro-batches (every rank the same
+            number), or None for no evaluation.
+        eval_teacher: teacher for held-out batches (an offline cache covers only training windows).
+        log: ``f(step, split, metrics)`` (e.g. :class:`megadistill.logging.MetricsLogger.log`).
+    """
+
+    engine: object
+    train_batches: Callable[[int], Iterator[dict]]
+    teacher: object
+    metrics: Callable[[dict], dict]
+    save: Callable[[LoopState], None]
+    tokens_per_sample: int
+    eval_batches: Callable[[], Iterable[dict]] | None = None
+    eval_teacher: object = None
+    log: Callable[[int, str, dict], None] = field(default=lambda step, split, metrics: None)
+
+
+class _Totals:
+    """Named stats summed over micro-batches; reduced over ranks on read (one host sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            value = value.detach().double().cpu()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def reduce(self) -> dict[str, float]:
+        names = sorted(self.sums)
+        # host sync: one all-reduce of every named sum per step (the logged metrics).
+        values = distributed.all_reduce_sum(torch.stack([self.sums[n] for n in names])).tolist()
+        return dict(zip(names, values))
+
+
+def global_normalizer(counts: list[dict[str, int]], accum_steps: int) -> LossNormalizer:
+    """The :class:`LossNormalizer` of one optimizer step from its micro-batches' token counts on this rank.
+
+    Sums the counts over the step's micro-batches and over ranks (one all-reduce of two numbers,
+    computed from CPU labels before any forward), then divides by ``world * accum`` because the
+    engine averages gradients over both.
+    """
+    local = torch.tensor([[c["ce_tokens"], c["kd_tokens"]] for c in counts], dtype=torch.float64).sum(0)
+    total = distributed.all_reduce_sum(local)
+    per_micro = distributed.world_size() * accum_steps
+    return LossNormalizer(ce_tokens=max(float(total[0]), 1.0) / per_micro, kd_tokens=max(float(total[1]), 1.0) / per_micro)
+
+
+def evaluate(parts: LoopParts, step: int) -> dict[str, float]:
+    """Held-out metrics at optimizer step ``step`` (no grad; token means over all ranks' batches)."""
+    engine, totals = parts.engine, _Totals()
+    engine.eval()
+    with torch.no_grad():
+        for batch in parts.eval_batches():
+            out = engine(batch, parts.eval_teacher.signal(batch), step, None)
+            totals.add(out["stats"])
+    engine.train()
+    metrics = parts.metrics(totals.reduce())
+    metrics["ppl"] = math.exp(min(metrics["ce"], 50.0))
+    return metrics
+
+
+def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, state: LoopState) -> dict[str, float]:
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the reduced metrics."""
+    engine = parts.engine
+    micro = [next(batches) for _ in range(train.grad_accum_steps)]
+    normalizer = global_normalizer([engine.module.counts(b) for b in micro], train.grad_accum_steps)
+    totals = _Totals()
+    for batch in micro:
+        out = engine(batch, parts.teacher.signal(batch), state.step, normalizer)
+        engine.backward(out["loss"])  # the engine already scales by 1 / grad_accum_steps
+        engine.step()
+        totals.add(out["stats"])
+        state.consumed_samples += batch["samples"]
+    return parts.metrics(totals.reduce())
+
+
+def _step_metrics(parts: LoopParts, metrics: dict, spec, lr: float, tokens: int, seconds: float) -> dict:
+    """Add the objective value, scheduled weights, lr, grad norm and throughput to a step's metrics."""
+    loss = spec.ce_weight * metrics["ce"] + spec.kd_weight * metrics["kd"] + sum(
+        v for k, v in metrics.items() if k.startswith("feat_"))
+    metrics.update(loss=loss, lr=lr, ce_weight=spec.ce_weight, kd_weight=spec.kd_weight, temperature=spec.temperature,
+                   grad_norm=float(parts.engine.get_global_grad_norm() or 0.0), tokens_per_s=tokens / max(seconds, 1e-9))
+    return metrics
+
+
+def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
+    """Run optimizer steps from ``state.step`` to ``train.max_steps`` (or ``exit_after_steps`` more).
+
+    Evaluates every ``train.eval_every_steps`` and at ``max_steps``; saves every
+    ``train.save_every_steps`` and at the last step this process runs (so an early exit resumes).
+
+    Returns:
+        ``{"steps_run", "train_time_s", "tokens_per_s", "tokens_per_step", "valid"}`` where ``valid``
+        is the last held-out evaluation (``{}`` when none ran).
+    """
+    from megadistill.logging import progress_bar
+
+    engine = parts.engine
+    tokens_per_step = distributed.world_size() * train.micro_batch_size * train.grad_accum_steps * parts.tokens_per_sample
+    stop_at = train.max_steps if train.exit_after_steps is None else min(train.max_steps, state.step + train.exit_after_steps)
+    bar = progress_bar(train.max_steps, state.step, distributed.is_main())
+    batches = parts.train_batches(state.consumed_samples)
+    start, steps_run, valid = time.time(), 0, {}
+    while state.step < stop_at:
+        t0 = time.time()
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
+        spec = engine.module.spec_at(state.step)
+        metrics = _train_step(parts, batches, train, state)
+        state.step += 1
+        steps_run += 1
+        metrics = _step_metrics(parts, metrics, spec, lr, tokens_per_step, time.time() - t0)
+        if state.step % train.log_every_steps == 0:
+            parts.log(state.step, "train", metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", kd=f"{metrics['kd']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if parts.eval_batches is not None and (state.step == train.max_steps or (
+                train.eval_every_steps and state.step % train.eval_every_steps == 0)):
+            valid = evaluate(parts, state.step)
+            parts.log(state.step, "valid", valid)
+        if state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
+            parts.save(state)
+    bar.close()
+    elapsed = time.time() - start
+    return {"steps_run": steps_run, "train_time_s": elapsed, "tokens_per_step": tokens_per_step,
+            "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9), "valid": valid}

@@ -1,0 +1,134 @@
+"""Where the teacher signal of a batch comes from: a frozen online teacher, an offline cache, or none.
+
+Each teacher kind has ``.signal(batch) -> TeacherSignal``; the objective reads whichever
+fields are set. :class:`NoTeacher` is how every baseline runs (``teacher.mode: none``): the
+same data, tokens and objective code, with CE / MLM only, and no teacher engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megadistill.losses.features import collect_features
+from megadistill.losses.logits import SparseTargets, remap_sparse_targets
+from megadistill.models.adapters import adapter_for
+
+__all__ = ["CachedTeacher", "NoTeacher", "OnlineTeacher", "TeacherBody", "TeacherSignal"]
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher's view of one micro-batch (all fields optional).
+
+    Attributes:
+        hidden: ``[B, L, Ht]`` what the teacher's output projection reads (final normed hidden
+            state of a decoder, MLM-head transform of an encoder); the objective turns it into
+            logits chunk by chunk through the teacher head it holds.
+        sparse: :class:`SparseTargets` with ``B * L`` rows (or one row per masked position for a
+            masked-LM cache) in student ids: top-k log-probs + tail from an offline cache.
+        features: the teacher's :func:`~megadistill.losses.features.collect_features` dict when
+            intermediate layers are matched (its ``last_hidden`` is the head input).
+    """
+
+    hidden: torch.Tensor | None = None
+    sparse: SparseTargets | None = None
+    features: dict | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to distil from (no-teacher baseline)."""
+        return self.hidden is None and self.sparse is None and self.features is None
+
+
+class TeacherBody(torch.nn.Module):
+    """The frozen teacher up to its head input (optionally with intermediate features); what the teacher engine wraps.
+
+    ``forward(input_ids [B, L] int64, document_ids [B, L] int64 | None, position_ids [B, L] int64 | None)``
+    returns the ``[B, L, Ht]`` head input, or the :func:`collect_features` dict when
+    ``features`` (a :class:`~megadistill.losses.features.FeatureDistiller`) is given.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, features=None):
+        super().__init__()
+        self.teacher = teacher
+        self.adapter = adapter_for(teacher)
+        self.request = None if features is None else (features.wants_attentions, features.qkv_layers_teacher)
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        if self.request is None:
+            return self.adapter.final_hidden_states(self.teacher, input_ids, document_ids=document_ids,
+                                                    position_ids=position_ids)
+        return collect_features(self.teacher, input_ids, attentions=self.request[0], qkv_layers=self.request[1],
+                                document_ids=document_ids, position_ids=position_ids)
+
+
+def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+class NoTeacher:
+    """No teacher signal: the objective trains on CE / MLM labels only (the no-teacher baseline)."""
+
+    kind = "none"
+
+    def signal(self, batch: dict) -> TeacherSignal:
+        """An empty :class:`TeacherSignal`."""
+        return TeacherSignal()
+
+
+class OnlineTeacher:
+    """A frozen teacher engine (a :class:`TeacherBody` inside, ZeRO-3 sharded) run on every micro-batch.
+
+    Args:
+        engine: the teacher engine; called with ``teacher_input_ids`` (teacher ids, masked the same
+            way as the student's for masked LM), ``document_ids`` and ``position_ids`` of the batch.
+        device: where the batch tensors go.
+    """
+
+    kind = "online"
+
+    def __init__(self, engine, device):
+        self.engine, self.device = engine, device
+
+    def signal(self, batch: dict) -> TeacherSignal:
+        """Run the teacher (no grad) on ``batch``; returns ``hidden`` or ``features``."""
+        with torch.no_grad():
+            out = self.engine(batch["teacher_input_ids"].to(self.device), _to(batch.get("document_ids"), self.device),
+                              _to(batch.get("position_ids"), self.device))
+        return TeacherSignal(features=out) if isinstance(out, dict) else TeacherSignal(hidden=out)
+
+
+class CachedTeacher:
+    """Teacher signal read from an offline cache (:class:`megadistill.teacher_cache.TeacherCache`).
+
+    The batch must carry ``window_ids`` (list of ints, the cached windows) and ``windows``
+    (their teacher token arrays, checked against the cache's hashes).
+
+    Args:
+        cache: the opened, compatibility-checked cache.
+        vocab_map: the student's :class:`~megadistill.models.vocab.VocabMap` (cached top-k ids are
+            teacher ids), or None.
+        device: where the signal tensors go.
+
+    Raises (from :meth:`signal`):
+        ValueError: a cached window's token hash differs from the data (cache built from other data).
+    """
+
+    kind = "offline"
+
+    def __init__(self, cache, vocab_map, device):
+        self.cache, self.vocab_map, self.device = cache, vocab_map, device
+
+    def signal(self, batch: dict) -> TeacherSignal:
+        """Cached hidden states ``[B, L, Ht]`` or top-k targets (remapped to student ids) for ``batch``."""
+        window_ids = batch["window_ids"]
+        self.cache.verify_windows(window_ids, batch["windows"])
+        if self.cache.kind == "hidden":
+            return TeacherSignal(hidden=self.cache.hidden(window_ids).to(self.device))
+        targets = self.cache.targets(window_ids)
+        if self.vocab_map is not None:
+            targets = remap_sparse_targets(targets, self.vocab_map)
+        return TeacherSignal(sparse=targets.to(self.device))
