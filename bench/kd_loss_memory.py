@@ -55,16 +55,19 @@ def run_child(args) -> None:
     """Measure one cell in this (fresh) process and print a JSON line."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
     from megadistill.losses.logits import chunked_distill_loss
+    from megadistill.objectives.spec import KDSpec
 
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.tokens[0], args.vocab, args.hidden, args.teacher_hidden)
+    spec = KDSpec(vocab_size=args.vocab, temperature=args.temperature, chunk_size_tokens=args.chunk_size_tokens)
     base = peak_rss_gib()
     start = time.perf_counter()
     if args.child == "naive":
         loss = naive_distill_loss(**inputs, temperature=args.temperature)
     else:
         loss = chunked_distill_loss(
-            **inputs, temperature=args.temperature, chunk_size_tokens=args.chunk_size_tokens
+            inputs["student_hidden"], inputs["student_weight"], inputs["labels"], spec,
+            teacher_hidden=inputs["teacher_hidden"], teacher_weight=inputs["teacher_weight"],
         ).loss
     loss.backward()
     seconds = time.perf_counter() - start

@@ -11,7 +11,10 @@ For each (k, top_p) the teacher's top entries are packed exactly as
 * no-tail KL: mean KL(top-k renormalized without a tail || full teacher) = -log(1 - tail),
   what dropping the tail bucket would cost.
 
-    python bench/teacher_cache.py [--seq-len 256] [--k 8 32 64 128] [--top-p 1.0 0.99 0.95]
+The cache stores the teacher distribution at the KD temperature (tempered before the
+top-k); ``--temperature`` measures it at that temperature (1.0: the plain teacher).
+
+    python bench/teacher_cache.py [--seq-len 256] [--k 8 32 64 128] [--top-p 1.0 0.99 0.95] [--temperature 1.0]
 """
 
 from __future__ import annotations
@@ -58,15 +61,16 @@ def teacher_logprobs(teacher, vocab: int, windows: torch.Tensor):
         yield torch.log_softmax(logits, dim=-1)
 
 
-def cell_stats(logp: torch.Tensor, k: int, top_p: float, vocab: int, shard_dir: Path, shard: int) -> dict:
-    """Pack one window's targets, write them as a shard, and measure fidelity against ``logp``."""
-    exact = topk_targets(logp, k, top_p)
+def cell_stats(logp: torch.Tensor, k: int, top_p: float, vocab: int, shard_dir: Path, shard: int,
+               temperature: float = 1.0) -> dict:
+    """Pack one window's targets (of ``softmax(logp / temperature)``), write them as a shard, measure fidelity."""
+    exact = topk_targets(logp, k, top_p, temperature)
     id_bits, step = id_layout(vocab)
     entries, counts, tail = pack_entries(exact, id_bits, step)
     offsets = np.array([0, len(entries)], dtype=np.int64)
     write_shard(shard_dir, shard, {"entries": entries, "counts": counts, "window_offsets": offsets, "tail": tail,
                                    "window_hash": np.zeros(1, dtype=np.uint64)})
-    cached = unpack_entries(entries, counts, tail, exact.ids.shape[1], id_bits, step)
+    cached = unpack_entries(entries, counts, tail, exact.ids.shape[1], id_bits, step, temperature)
     return {"entries": float(counts.astype(np.int64).mean()), "tail": float(exact.tail_logprob.exp().mean()),
             "bucket_kl": float(bucket_kl(exact, cached).mean()),
             "no_tail_kl": float((-torch.log1p(-exact.tail_logprob.exp().clamp(max=1 - 1e-7))).mean())}
@@ -87,6 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, nargs="+", default=[8, 32, 64, 128])
     p.add_argument("--top-p", type=float, nargs="+", default=[1.0, 0.99, 0.95])
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the cached distribution")
     args = p.parse_args(argv)
     start = time.time()
     teacher, tokenizer = load_teacher(args.teacher)
@@ -97,13 +102,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for w, logp in enumerate(teacher_logprobs(teacher, vocab, windows)):
             for c, cell in enumerate(cells):
-                stats = cell_stats(logp, *cell, vocab, Path(tmp) / f"cell{c}", w)
+                stats = cell_stats(logp, *cell, vocab, Path(tmp) / f"cell{c}", w, args.temperature)
                 for key, value in stats.items():
                     sums[cell][key] = sums[cell].get(key, 0.0) + value
         tokens = windows.numel()
         sizes = {cell: sum(f.stat().st_size for f in (Path(tmp) / f"cell{c}").glob("shard_*")) for c, cell in enumerate(cells)}
     n = len(windows)
-    print(f"teacher={args.teacher} vocab={vocab} text=SIB-200 hin_Deva dev, {n} windows x {args.seq_len} = {tokens} tokens; "
+    print(f"teacher={args.teacher} vocab={vocab} T={args.temperature} text=SIB-200 hin_Deva dev, "
+          f"{n} windows x {args.seq_len} = {tokens} tokens; "
           f"id_bits={id_layout(vocab)[0]} logprob_step={id_layout(vocab)[1]:.5f} nats; {time.time() - start:.0f} s")
     print(f"{'k':>4} {'top_p':>6} {'bytes/token':>12} {'entries/token':>14} {'tail mass':>10} {'bucket KL':>11} {'no-tail KL':>11}")
     for cell in cells:

@@ -15,6 +15,13 @@ the same order the trainer reads them. A cache directory holds ``meta.json`` and
   read against other data, and ``shard_XXXXXX.done.json`` written last: a shard is complete
   iff its marker exists, so an interrupted writer leaves nothing that counts.
 
+A ``topk`` cache holds the top-k of the teacher distribution at the KD temperature
+``CacheSpec.temperature`` (``softmax(z / T)``, tempered before the cut, so the tail bucket is
+the exact tempered tail ``sum_i p_i^(1/T)``); a tail bucket cannot be re-tempered later, so the
+cache is valid only for a loss at that temperature (:meth:`TeacherCache.check_compatible`, and
+the loss checks ``SparseTargets.temperature``). Hidden-state caches do not depend on it.
+Format version 2 added ``temperature``; version 1 caches are read as temperature 1.0.
+
 Top-k targets with an explicit tail bucket follow the sparse-KD practice of storing
 teacher top-k logits offline (e.g. Raman et al. 2023, "For distillation, tokens are not all
 you need"; MiniPLM / "Sparse logit sampling", Anshumann et al. 2025, arXiv:2503.16870).
@@ -40,7 +47,8 @@ from megadistill.losses.logits import SparseTargets, topk_targets
 from megadistill.models.teacher import final_hidden_states, output_softcap
 
 FORMAT = "megadistill-teacher-cache"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before CacheSpec.temperature (always 1.0)
 KINDS = ("topk", "hidden")
 LOGPROB_RANGE_NATS = 32.0
 FP16_MAX = 65504.0
@@ -62,6 +70,9 @@ class CacheSpec:
         windows_per_shard: windows per shard file set.
         document_masking: the teacher saw position ids restarting per document (attention kept
             inside documents), as training with ``data.document_masking`` does.
+        temperature: ``topk`` only: KD temperature ``T > 0`` of the stored distribution
+            (``softmax(z / T)``, tempered before top-k); training must use the same
+            ``loss.temperature``. Hidden-state caches are temperature-independent: 1.0.
     """
 
     kind: str = "topk"
@@ -71,6 +82,7 @@ class CacheSpec:
     seed: int = 1234
     windows_per_shard: int = 256
     document_masking: bool = True
+    temperature: float = 1.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
@@ -82,6 +94,11 @@ class CacheSpec:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seq_len_tokens < 1 or self.windows_per_shard < 1:
             raise ValueError("seq_len_tokens and windows_per_shard must be >= 1")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite T > 0, got {self.temperature}")
+        if self.kind == "hidden" and self.temperature != 1.0:
+            raise ValueError(f"a hidden-state cache does not depend on the temperature (got {self.temperature}): "
+                             "drop --temperature, the loss tempers the logits it computes from the hidden states")
 
 
 def window_hash(tokens: np.ndarray) -> int:
@@ -133,8 +150,11 @@ def pack_entries(targets: SparseTargets, id_bits: int, step: float) -> tuple[np.
 
 
 def unpack_entries(entries: np.ndarray, counts: np.ndarray, tail: np.ndarray, k: int, id_bits: int,
-                   step: float) -> SparseTargets:
-    """Inverse of :func:`pack_entries`: ``[N, k]`` slots, renormalized so entries + tail sum to 1 (fp32)."""
+                   step: float, temperature: float = 1.0) -> SparseTargets:
+    """Inverse of :func:`pack_entries`: ``[N, k]`` slots, renormalized so entries + tail sum to 1 (fp32).
+
+    ``temperature`` is the one the entries were built at (``CacheSpec.temperature``), recorded in the result.
+    """
     counts = np.asarray(counts, dtype=np.int64)
     n = len(counts)
     row = np.repeat(np.arange(n), counts)
@@ -146,7 +166,7 @@ def unpack_entries(entries: np.ndarray, counts: np.ndarray, tail: np.ndarray, k:
     logprobs[row, slot] = -(raw >> id_bits).astype(np.float32) * step
     lp, tl = torch.from_numpy(logprobs), torch.from_numpy(np.asarray(tail, dtype=np.float32))
     total = torch.logsumexp(torch.cat([lp, tl.unsqueeze(1)], dim=1), dim=1)
-    return SparseTargets(torch.from_numpy(ids), lp - total.unsqueeze(1), tl - total)
+    return SparseTargets(torch.from_numpy(ids), lp - total.unsqueeze(1), tl - total, temperature)
 
 
 @torch.no_grad()
@@ -157,14 +177,20 @@ def teacher_hidden_rows(teacher, input_ids: torch.Tensor, position_ids: torch.Te
 
 @torch.no_grad()
 def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, top_p: float = 1.0,
-                    chunk_tokens: int = 256, position_ids: torch.Tensor | None = None) -> SparseTargets:
-    """Top-k (top-p) teacher targets with tail mass for every position of ``input_ids`` ``[B, L]``.
+                    chunk_tokens: int = 256, position_ids: torch.Tensor | None = None,
+                    temperature: float = 1.0) -> SparseTargets:
+    """Top-k (top-p) targets of the tempered teacher, with tail mass, for every position of ``input_ids`` ``[B, L]``.
 
     Logits are ``softcap(h @ W[:vocab_size].T)`` over the real vocabulary (padded head rows
-    excluded), computed ``chunk_tokens`` rows at a time so ``[B*L, V]`` is never built.
+    excluded), divided by ``temperature`` before the top-k (:func:`topk_targets`), computed
+    ``chunk_tokens`` rows at a time so ``[B*L, V]`` is never built. This is exactly what the
+    chunked loss does online with ``loss.top_k`` at ``loss.temperature``.
 
     Returns:
-        :class:`SparseTargets` with ``B*L`` rows in teacher ids.
+        :class:`SparseTargets` with ``B*L`` rows in teacher ids, ``temperature`` recorded.
+
+    Raises:
+        ValueError: as :func:`topk_targets` (``k < 1``, ``top_p`` outside (0, 1], ``temperature <= 0``).
     """
     hidden = teacher_hidden_rows(teacher, input_ids, position_ids)
     weight = teacher.get_output_embeddings().weight[:vocab_size].float()
@@ -174,8 +200,8 @@ def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, t
         logits = hidden[start : start + chunk_tokens] @ weight.T
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        parts.append(topk_targets(logits, k, top_p))
-    return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+        parts.append(topk_targets(logits, k, top_p, temperature))
+    return SparseTargets.cat(parts)
 
 
 def shard_path(root: Path, shard: int, name: str) -> Path:
@@ -227,10 +253,12 @@ class TeacherCache:
             raise FileNotFoundError(f"{meta_path} not found: build the cache with tools/cache_teacher_logits.py "
                                     "(an unfinished cache has no meta.json; rerun the same command to finish it)")
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise ValueError(f"{meta_path}: not a {FORMAT} v{VERSION} cache "
-                             f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r})")
-        self.spec = CacheSpec(**{"document_masking": False, **self.meta["spec"]})  # caches before the field: GPT-style
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{meta_path}: not a {FORMAT} cache of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                             f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r}): "
+                             "rebuild it with this version's tools/cache_teacher_logits.py")
+        # Fields added later default to what older writers did: GPT-style packing, temperature 1.0.
+        self.spec = CacheSpec(**{"document_masking": False, "temperature": 1.0, **self.meta["spec"]})
         self.kind = self.spec.kind
         self._shards = [self._open_shard(s) for s in range(self.meta["num_shards"])]
 
@@ -265,12 +293,19 @@ class TeacherCache:
         shard, local = divmod(window, self.spec.windows_per_shard)
         return self._shards[shard], local
 
-    def check_compatible(self, packed, tokenizer, document_masking: bool = True) -> None:
+    def check_compatible(self, packed, tokenizer, document_masking: bool = True, temperature: float | None = None) -> None:
         """Raise ``ValueError`` naming the first field where ``packed`` / ``tokenizer`` differ from the cache.
 
-        Checks the sequence length, packing seed, document masking, fixed layout, number of
-        windows, the datasets (prefix, documents, tokens, ``.idx`` hash) and the tokenizer hash.
+        Checks the KD temperature (``topk`` caches, when ``temperature`` is given: the run's
+        ``loss.temperature``; a top-k tail cannot be re-tempered), the sequence length, packing
+        seed, document masking, fixed layout, number of windows, the datasets (prefix,
+        documents, tokens, ``.idx`` hash) and the tokenizer hash.
         """
+        if temperature is not None and self.kind == "topk" and temperature != self.spec.temperature:
+            raise ValueError(f"teacher cache {self.root} holds the teacher's top-k at temperature {self.spec.temperature} "
+                             f"but this run's loss.temperature is {temperature}: rebuild the cache with "
+                             f"tools/cache_teacher_logits.py --temperature {temperature} "
+                             f"(or train with loss.temperature={self.spec.temperature})")
         expected = {
             "seq_len_tokens": (self.spec.seq_len_tokens, packed.seq_len_tokens),
             "document_masking": (self.spec.document_masking, document_masking),
@@ -302,11 +337,13 @@ class TeacherCache:
                                  "(cache built from other data or packing)")
 
     def targets(self, window_ids) -> SparseTargets:
-        """Top-k targets for the windows, ``[len(window_ids) * L]`` rows in window order, teacher ids."""
+        """Top-k targets for the windows, ``[len(window_ids) * L]`` rows in window order, teacher ids.
+
+        Their ``temperature`` is the cache's (``spec.temperature``), which the loss checks.
+        """
         if self.kind != "topk":
             raise ValueError(f"teacher cache {self.root} holds hidden states, not top-k targets")
-        parts = [self._window_targets(w) for w in window_ids]
-        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+        return SparseTargets.cat([self._window_targets(w) for w in window_ids])
 
     def _window_targets(self, window: int) -> SparseTargets:
         arrays, local = self._locate(window)
@@ -314,7 +351,7 @@ class TeacherCache:
         begin, end = int(arrays["window_offsets"][local]), int(arrays["window_offsets"][local + 1])
         rows = slice(local * length, (local + 1) * length)
         return unpack_entries(arrays["entries"][begin:end], arrays["counts"][rows], arrays["tail"][rows],
-                              self.spec.k, self.meta["id_bits"], self.meta["logprob_step"])
+                              self.spec.k, self.meta["id_bits"], self.meta["logprob_step"], self.spec.temperature)
 
     def hidden(self, window_ids) -> torch.Tensor:
         """Teacher final hidden states ``[len(window_ids), L, H]`` float32."""
@@ -349,14 +386,15 @@ def shard_arrays_for(spec: CacheSpec, teacher, vocab_size: int, windows: list[np
         if spec.kind == "hidden":
             parts.append(teacher_hidden_rows(teacher, ids, positions).view(ids.shape[0], ids.shape[1], -1))
         else:
-            parts.append(teacher_targets(teacher, ids, vocab_size, spec.k, spec.top_p, chunk_tokens, positions))
+            parts.append(teacher_targets(teacher, ids, vocab_size, spec.k, spec.top_p, chunk_tokens, positions,
+                                         spec.temperature))
     hashes = np.array([window_hash(w) for w in windows], dtype=np.uint64)
     if spec.kind == "hidden":
         hidden = torch.cat(parts)
         if not bool(torch.isfinite(hidden).all()) or float(hidden.abs().max()) >= FP16_MAX:
             raise ValueError("teacher hidden states overflow float16: use --kind topk")
         return {"hidden": hidden.numpy().astype(np.float16), "window_hash": hashes}
-    targets = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob")))
+    targets = SparseTargets.cat(parts)
     id_bits, step = id_layout(vocab_size)
     entries, counts, tail = pack_entries(targets, id_bits, step)
     per_window = counts.reshape(len(windows), -1).astype(np.int64).sum(1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megadistill.losses.divergences import DIVERGENCES, PROB_DIVERGENCES, prob_divergence
 from megadistill.losses.logits import SparseTargets, chunked_distill_loss, remap_sparse_targets, topk_targets
 from megadistill.models.vocab import VocabMap
+from megadistill.objectives.spec import KDSpec
 
 N, HS, HT, V, PAD = 60, 16, 24, 41, 3
 
@@ -33,7 +34,11 @@ def ref_divergence(name, log_p, log_q, beta=0.5):
 
 
 def ref_loss(case, name, tau, beta, ce_weight, kd_weight, sparse=None, top_k=None, top_p=1.0, softcap=None):
-    """Full [N, V] logits, torch autograd; the sparse path collapses the student onto kept ids + tail."""
+    """Full [N, V] logits, torch autograd; the sparse path collapses the student onto kept ids + tail.
+
+    Online top-k is taken from the teacher logits divided by tau (the tempered distribution), and
+    sparse targets are used as they are (they hold the distribution at their own temperature).
+    """
     z = case["student_hidden"] @ case["student_weight"][:V].T
     if softcap:
         z = softcap * torch.tanh(z / softcap)
@@ -42,7 +47,7 @@ def ref_loss(case, name, tau, beta, ce_weight, kd_weight, sparse=None, top_k=Non
     ce = F.cross_entropy(z, labels, ignore_index=-100, reduction="sum") / mask.sum()
     zt = case["teacher_hidden"] @ case["teacher_weight"].T
     if top_k is not None:
-        sparse = topk_targets(zt, top_k, top_p)
+        sparse = topk_targets(zt / tau, top_k, top_p)
     if sparse is not None:
         rows = _ref_sparse_rows(z, sparse, name, tau, beta)
     elif name == "mse":
@@ -64,7 +69,6 @@ def _ref_sparse_rows(z, sparse, name, tau, beta):
         q_kept = q[i, sparse.ids[i][valid]]
         q_bins = torch.cat([q_kept, (1 - q_kept.sum()).unsqueeze(0)])
         log_p = torch.cat([sparse.logprobs[i][valid], sparse.tail_logprob[i].unsqueeze(0)])
-        log_p = F.log_softmax(log_p / tau, -1)
         if not torch.isfinite(log_p[-1]):  # empty tail (k = V): drop the bin
             q_bins, log_p = q_bins[:-1], log_p[:-1]
         rows.append(ref_divergence(name, log_p.unsqueeze(0), q_bins.log().unsqueeze(0), beta))
@@ -83,6 +87,13 @@ def make_case(seed=0):
     )
 
 
+def call_chunked(case, sparse_targets=None, **spec_fields):
+    """The chunked loss on a ``make_case`` dict with ``KDSpec(vocab_size=V, **spec_fields)``."""
+    tensors = {k: v for k, v in case.items() if k in ("teacher_hidden", "teacher_weight")}
+    return chunked_distill_loss(case["student_hidden"], case["student_weight"], case["labels"],
+                                KDSpec(vocab_size=V, **spec_fields), sparse_targets=sparse_targets, **tensors)
+
+
 def run_both(case, chunk, ref_kwargs, **loss_kwargs):
     """Loss, kd and grads of the chunked loss and of the reference on cloned leaf tensors."""
     ours = {k: v.clone().requires_grad_(k in ("student_hidden", "student_weight")) for k, v in case.items()}
@@ -90,7 +101,7 @@ def run_both(case, chunk, ref_kwargs, **loss_kwargs):
     sparse = loss_kwargs.get("sparse_targets")
     if sparse is not None:
         ours.pop("teacher_hidden"), ours.pop("teacher_weight")
-    out = chunked_distill_loss(**ours, vocab_size=V, chunk_size_tokens=chunk, **loss_kwargs)
+    out = call_chunked(ours, chunk_size_tokens=chunk, **loss_kwargs)
     out.loss.backward()
     loss, kd = ref_loss(theirs, sparse=sparse, **ref_kwargs)
     loss.backward()
@@ -204,18 +215,18 @@ def test_bad_inputs_are_clear():
     targets = topk_targets(case["teacher_hidden"] @ case["teacher_weight"].T, 4)
     base = {k: case[k] for k in ("student_hidden", "student_weight", "labels")}
     with pytest.raises(ValueError, match="unknown divergence 'kl'"):
-        chunked_distill_loss(**case, vocab_size=V, divergence="kl")
+        call_chunked(case, divergence="kl")
     with pytest.raises(ValueError, match="beta"):
-        chunked_distill_loss(**case, vocab_size=V, divergence="jsd", jsd_beta=1.5)
+        call_chunked(case, divergence="jsd", jsd_beta=1.5)
     with pytest.raises(ValueError, match="dense teacher"):
-        chunked_distill_loss(**base, vocab_size=V, sparse_targets=targets, divergence="mse")
+        call_chunked(base, sparse_targets=targets, divergence="mse")
     with pytest.raises(ValueError, match="not both"):
-        chunked_distill_loss(**case, vocab_size=V, sparse_targets=targets)
+        call_chunked(case, sparse_targets=targets)
     bad = SparseTargets(targets.ids + V, targets.logprobs, targets.tail_logprob)
     with pytest.raises(ValueError, match="remap_sparse_targets"):
-        chunked_distill_loss(**base, vocab_size=V, sparse_targets=bad)
+        call_chunked(base, sparse_targets=bad)
     with pytest.raises(ValueError, match="top_k"):
-        chunked_distill_loss(**case, vocab_size=V, top_k=0)
+        call_chunked(case, top_k=0)
 
 
 def test_auto_chunk_size_bounds_the_buffer():

