@@ -75,13 +75,79 @@ def tiny_tokenizer(sib200_dir):
     return build_tiny_tokenizer(texts)
 
 
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
+XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 (XLM-R's order, <mask> moved up)
+
+
+def build_bert_tokenizer(texts: list[str], vocab_size: int = 800, directory: Path | None = None):
+    """A BERT-style WordPiece tokenizer (``[CLS] text [SEP]``) from a ``vocab.txt`` written for ``texts``.
+
+    Vocabulary: ids 0..4 ``[PAD] [UNK] [CLS] [SEP] [MASK]``, then every non-space character of
+    the texts and its ``##`` continuation (so no word of the texts becomes ``[UNK]``), then the
+    most frequent longer words (BERT pre-tokenization) up to ``vocab_size``. Case and accents are
+    kept (lower-casing with accent stripping would drop Indic vowel signs). ``vocab.txt`` goes to
+    ``directory`` (a temporary folder when None). Returns a ``transformers.BertTokenizerFast``.
+    """
+    import collections
+    import tempfile
+
+    from tokenizers import pre_tokenizers
+    from transformers import BertTokenizerFast
+
+    chars = sorted({c for text in texts for c in text if not c.isspace()})
+    vocab = BERT_SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    split = pre_tokenizers.BertPreTokenizer().pre_tokenize_str
+    words = collections.Counter(word for text in texts for word, _ in split(text) if len(word) > 1)
+    vocab += [word for word, _ in words.most_common(max(vocab_size - len(vocab), 0))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(directory or tmp) / "vocab.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        return BertTokenizerFast(vocab=str(path), do_lower_case=False, strip_accents=False)
+
+
+def build_xlmr_tokenizer(texts: list[str], vocab_size: int = 800):
+    """An XLM-R-style Unigram tokenizer (``<s> text </s>``, ``▁`` word starts) trained on ``texts``.
+
+    Ids 0..4 ``<s> <pad> </s> <unk> <mask>``; bos = cls = ``<s>``, eos = sep = ``</s>``; the
+    post-processor is the TemplateProcessing ``<s> $A </s>`` of ``XLMRobertaTokenizerFast``.
+    Characters absent from ``texts`` become ``<unk>``. Returns a ``transformers.XLMRobertaTokenizerFast``.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS,
+                                                           unk_token="<unk>"))
+    vocab = [tuple(entry) for entry in json.loads(tok.to_str())["model"]["vocab"]]
+    return XLMRobertaTokenizerFast(vocab=vocab)  # its own pre-tokenizer and post-processor, as in XLM-R
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer(sib200_dir, tmp_path_factory):
+    """BERT-style WordPiece tokenizer (800 ids) for SIB-200 Hindi + English train text; encoder framing."""
+    texts = read_sib200_texts(sib200_dir, "hin_Deva") + read_sib200_texts(sib200_dir, "eng_Latn")
+    return build_bert_tokenizer(texts, directory=tmp_path_factory.mktemp("bert_vocab"))
+
+
+@pytest.fixture(scope="session")
+def xlmr_tokenizer(sib200_dir):
+    """XLM-R-style Unigram tokenizer (800 ids) trained on 300 Hindi + 300 English SIB-200 train sentences."""
+    texts = read_sib200_texts(sib200_dir, "hin_Deva")[:300] + read_sib200_texts(sib200_dir, "eng_Latn")[:300]
+    return build_xlmr_tokenizer(texts)
+
+
 @pytest.fixture(scope="session")
 def cache_workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
     """A tiny Llama teacher directory (peaked predictions) and binarized Hindi dev text, for the teacher-cache tests."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tools.binarize import binarize
+    from megadistill.data.binarize import binarize
 
     root = tmp_path_factory.mktemp("cache")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for tools/binarize.py: SIB-200 → MMIDIDX with the tiny tokenizer, provenance, CLI errors."""
+"""Tests for megadistill.data.binarize and tools/binarize.py: SIB-200 → MMIDIDX with tiny tokenizers, framing, provenance, CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megadistill.data.binarize import BinarizeOptions, binarize, group_by_language
 from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches, read_provenance, tokenizer_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ def hin_dev(sib200_dir, tiny_tokenizer, tmp_path_factory):
     from conftest import read_sib200_texts
 
     prefix = tmp_path_factory.mktemp("corpus") / "hin_Deva"
-    meta = binarize_tool.binarize(
-        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(block_bytes=2048), show_progress=False
+    meta = binarize(
+        [sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, BinarizeOptions(block_bytes=2048), show_progress=False
     )
     return prefix, meta, read_sib200_texts(sib200_dir, "hin_Deva", "dev")
 
@@ -85,7 +86,7 @@ def test_multiple_inputs_and_dropped_counts(tmp_path, tiny_tokenizer):
     first.write_bytes(b"one\ntwo\n\n\xff\n\nthree\n")
     second = tmp_path / "more.jsonl"
     second.write_text('{"text": "four"}\n{"text": ""}\n', encoding="utf-8")
-    meta = binarize_tool.binarize([first, second], tiny_tokenizer, tmp_path / "out" / "x", show_progress=False)
+    meta = binarize([first, second], tiny_tokenizer, tmp_path / "out" / "x", show_progress=False)
     assert (meta["language"], meta["script"]) == ("sat", "Olck")
     assert meta["documents"] == 3
     assert meta["dropped"] == {"empty_document": 1, "invalid_utf8": 1}
@@ -101,7 +102,7 @@ def test_failure_keeps_previous_output(hin_dev, tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\n\n\xffbroken\n")
     with pytest.raises(ValueError, match=r"bad\.txt:3: invalid UTF-8"):
-        binarize_tool.binarize([bad], tiny_tokenizer, prefix, binarize_tool.BinarizeOptions(on_error="fail"), show_progress=False)
+        binarize([bad], tiny_tokenizer, prefix, BinarizeOptions(on_error="fail"), show_progress=False)
     assert {p: p.read_bytes() for p in prefix.parent.iterdir()} == before
 
 
@@ -110,7 +111,7 @@ def test_tokenizer_without_eos_is_rejected(tmp_path, tiny_tokenizer):
         eos_token_id = None
 
     with pytest.raises(ValueError, match="no EOS"):
-        binarize_tool.binarize([tmp_path / "x.txt"], NoEos(), tmp_path / "x", show_progress=False)
+        binarize([tmp_path / "x.txt"], NoEos(), tmp_path / "x", show_progress=False)
 
 
 def _run_cli(*args):
@@ -171,9 +172,8 @@ def test_worker_processes_write_identical_files(sib200_dir, tiny_tokenizer, tmp_
     inputs = [sib200_dir / "hin_Deva" / "dev.tsv", sib200_dir / "ben_Beng" / "dev.tsv"]
     metas = {}
     for processes in (0, 2):
-        options = binarize_tool.BinarizeOptions(processes=processes, block_bytes=4096)
-        metas[processes] = binarize_tool.binarize(inputs, tiny_tokenizer, tmp_path / f"p{processes}", options,
-                                                  show_progress=False)
+        options = BinarizeOptions(processes=processes, block_bytes=4096)
+        metas[processes] = binarize(inputs, tiny_tokenizer, tmp_path / f"p{processes}", options, show_progress=False)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"p0{suffix}").read_bytes() == (tmp_path / f"p2{suffix}").read_bytes()
     assert metas[0]["documents"] == metas[2]["documents"] == 198
@@ -183,8 +183,8 @@ def test_worker_processes_write_identical_files(sib200_dir, tiny_tokenizer, tmp_
 def test_dedup_drops_repeated_sentences(tiny_tokenizer, tmp_path):
     corpus = tmp_path / "hin_Deva.txt"
     corpus.write_text("a b\nc d\n\nc d\ne f\n\na b\n\nc d\n", encoding="utf-8")
-    options = binarize_tool.BinarizeOptions(dedup=True, block_bytes=8)  # duplicates across blocks too
-    meta = binarize_tool.binarize([corpus], tiny_tokenizer, tmp_path / "out", options, show_progress=False)
+    options = BinarizeOptions(dedup=True, block_bytes=8)  # duplicates across blocks too
+    meta = binarize([corpus], tiny_tokenizer, tmp_path / "out", options, show_progress=False)
     ds = IndexedDataset(tmp_path / "out")
     eos = [tiny_tokenizer.eos_token_id]
     assert [ds[i].tolist() for i in range(len(ds))] == [
@@ -197,20 +197,20 @@ def test_dedup_drops_repeated_sentences(tiny_tokenizer, tmp_path):
 def test_mixed_script_documents_are_counted_with_locations(sib200_dir, tiny_tokenizer, tmp_path):
     mixed = tmp_path / "hin_Deva.txt"
     mixed.write_text("यह हिंदी है\n\nthis is english\n\nयह हिंदी mixed है\n", encoding="utf-8")
-    meta = binarize_tool.binarize([mixed], tiny_tokenizer, tmp_path / "out", show_progress=False)
+    meta = binarize([mixed], tiny_tokenizer, tmp_path / "out", show_progress=False)
     assert meta["documents"] == 3  # kept, but reported
     assert meta["mixed_script_documents"] == {"count": 1, "examples": [f"{mixed}:3"]}
 
 
 def test_output_dir_groups_inputs_by_language(sib200_dir, tmp_path):
     inputs = [str(sib200_dir / lang / "dev.tsv") for lang in ("hin_Deva", "ben_Beng")] + [str(sib200_dir / "hin_Deva" / "test.tsv")]
-    groups = binarize_tool.group_by_language(inputs, tmp_path)
+    groups = group_by_language(inputs, tmp_path)
     assert groups == {tmp_path / "hin_Deva": [inputs[0], inputs[2]], tmp_path / "ben_Beng": [inputs[1]]}
     indiccorp = ["/data/indiccorp/hi.txt.xz", "/data/indiccorp/as.txt", "/data/sangraha/hin/0.parquet"]
-    assert binarize_tool.group_by_language(indiccorp, tmp_path) == {
+    assert group_by_language(indiccorp, tmp_path) == {
         tmp_path / "hin_Deva": [indiccorp[0], indiccorp[2]], tmp_path / "asm_Beng": [indiccorp[1]]}
     with pytest.raises(ValueError, match="no language code"):
-        binarize_tool.group_by_language(["/data/corpus.txt"], tmp_path)
+        group_by_language(["/data/corpus.txt"], tmp_path)
 
 
 def test_cli_strict_and_output_dir(tmp_path, tiny_tokenizer, sib200_dir, capsys):
@@ -234,8 +234,8 @@ def test_romanized_twin_is_paired_document_by_document(sib200_dir, tiny_tokenize
     from megadistill.data.romanize import Romanizer
 
     dev = sib200_dir / "hin_Deva" / "dev.tsv"
-    options = binarize_tool.BinarizeOptions(romanize="iast", dedup=True, block_bytes=4096)
-    meta = binarize_tool.binarize([dev], tiny_tokenizer, tmp_path / "hin_Deva", options, show_progress=False)
+    options = BinarizeOptions(romanize="iast", dedup=True, block_bytes=4096)
+    meta = binarize([dev], tiny_tokenizer, tmp_path / "hin_Deva", options, show_progress=False)
     native, roman = IndexedDataset(tmp_path / "hin_Deva"), IndexedDataset(tmp_path / "hin_Deva.iast")
     roman_meta = read_provenance(tmp_path / "hin_Deva.iast")
     assert len(native) == len(roman) == meta["documents"] == roman_meta["documents"] == 99
@@ -253,5 +253,131 @@ def test_romanized_twin_is_paired_document_by_document(sib200_dir, tiny_tokenize
         assert native[i].tolist() == tiny_tokenizer(texts[i]).input_ids + eos
     assert roman_meta["characters"] == sum(len(romanizer.romanize(t)) for t in texts)
     with pytest.raises(ValueError, match="needs the source script"):
-        binarize_tool.binarize([tmp_path / "x.txt"], tiny_tokenizer, tmp_path / "x",
-                               binarize_tool.BinarizeOptions(romanize="iast"), show_progress=False)
+        binarize([tmp_path / "x.txt"], tiny_tokenizer, tmp_path / "x", BinarizeOptions(romanize="iast"),
+                 show_progress=False)
+
+
+# --- framing: encoder (masked-LM) tokenizers, decoder edge cases -------------------------------
+
+ENCODERS = {"bert_tokenizer": ("[CLS]", "[SEP]"), "xlmr_tokenizer": ("<s>", "</s>")}
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODERS))
+def encoder_dev(request, sib200_dir, tmp_path_factory):
+    """SIB-200 hin_Deva dev binarized with an encoder tokenizer: (tokenizer, prefix, provenance, NFC texts, frame tokens)."""
+    from conftest import read_sib200_texts
+
+    tokenizer = request.getfixturevalue(request.param)
+    prefix = tmp_path_factory.mktemp(request.param) / "hin_Deva"
+    meta = binarize([sib200_dir / "hin_Deva" / "dev.tsv"], tokenizer, prefix, BinarizeOptions(block_bytes=4096),
+                    show_progress=False)
+    texts = [unicodedata.normalize("NFC", t) for t in read_sib200_texts(sib200_dir, "hin_Deva", "dev")]
+    return tokenizer, prefix, meta, texts, ENCODERS[request.param]
+
+
+def test_encoder_documents_are_framed_like_the_model_expects(encoder_dev):
+    tokenizer, prefix, _, texts, (first, last) = encoder_dev
+    cls_id, sep_id = tokenizer.convert_tokens_to_ids([first, last])
+    ds = IndexedDataset(prefix)
+    assert len(ds) == len(texts) == 99
+    for i, text in enumerate(texts):
+        doc = ds[i].tolist()
+        assert (doc[0], doc[-1]) == (cls_id, sep_id)
+        assert doc[1:-1] == tokenizer(text, add_special_tokens=False).input_ids
+        assert doc == tokenizer(text).input_ids  # exactly what the model saw in pre-training
+
+
+def test_encoder_framing_is_recorded_and_read_back(encoder_dev):
+    from megadistill.data.framing import Framing
+    from megadistill.data.indexed import open_checked_datasets, read_framing
+
+    tokenizer, prefix, meta, _, (first, last) = encoder_dev
+    cls_id, sep_id = tokenizer.convert_tokens_to_ids([first, last])
+    assert meta["framing"] == {"kind": "encoder", "prefix_ids": [cls_id], "suffix_ids": [sep_id]}
+    assert read_provenance(prefix)["framing"] == meta["framing"]
+    assert read_framing(prefix) == Framing("encoder", (cls_id,), (sep_id,)) == read_framing(IndexedDataset(prefix))
+    assert meta["eos_id"] == tokenizer.eos_token_id and meta["tokens"] == IndexedDataset(prefix).num_tokens
+    assert len(open_checked_datasets([prefix], tokenizer, framing_kind="encoder")) == 1
+    with pytest.raises(ValueError, match="framed for encoder models .* needs decoder framing"):
+        open_checked_datasets([prefix], tokenizer, framing_kind="decoder")
+
+
+def test_masking_never_selects_framing_tokens(encoder_dev):
+    """Packed windows of an encoder dataset, every maskable token selected: [CLS]/[SEP] stay as they are."""
+    import numpy as np
+    import torch
+
+    from megadistill.data.masking import IGNORE_INDEX, MaskingConfig, MlmCollator
+    from megadistill.data.packing import PackedDataset
+
+    tokenizer, prefix, meta, _, _ = encoder_dev
+    frame_ids = meta["framing"]["prefix_ids"] + meta["framing"]["suffix_ids"]
+    packed = PackedDataset([IndexedDataset(prefix)], seq_len_tokens=64, seed=0)
+    windows = [packed[i] for i in range(8)]  # 65 tokens each, documents cut anywhere
+    collate = MlmCollator.from_tokenizer(tokenizer, MaskingConfig(mask_prob=1.0))
+    batch = collate(windows, torch.Generator().manual_seed(0))
+    original = torch.from_numpy(np.stack(windows).astype(np.int64))
+    framed = torch.isin(original, torch.tensor(frame_ids))
+    assert framed.any()  # the windows do hold framing ids
+    assert (batch["labels"][framed] == IGNORE_INDEX).all() and not batch["mlm_mask"][framed].any()
+    assert torch.equal(batch["teacher_input_ids"][framed], original[framed])
+    assert batch["mlm_mask"][~torch.isin(original, torch.tensor(tokenizer.all_special_ids))].all()  # the rest was
+
+
+def test_decoder_framing_is_recorded(hin_dev):
+    from megadistill.data.framing import Framing
+    from megadistill.data.indexed import read_framing
+
+    prefix, meta, _ = hin_dev
+    assert meta["framing"] == {"kind": "decoder", "prefix_ids": [2], "suffix_ids": [1]}
+    assert read_framing(prefix) == Framing("decoder", (2,), (1,))
+
+
+def _wordpiece_backend(post_processor=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<eos>", "a", "b", "##b"])}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if post_processor is not None:
+        backend.post_processor = post_processor
+    return backend
+
+
+@pytest.mark.parametrize("case,expected", [
+    # No post-processor, but a masked-LM vocabulary: framed [CLS] ... [SEP] by hand.
+    ("bare_mlm", ("encoder", (2,), (3,))),
+    # A decoder whose post-processor already appends EOS: no second EOS.
+    ("eos_appending", ("decoder", (), (5,))),
+    # A decoder that adds nothing (Qwen style): text, then EOS.
+    ("no_bos", ("decoder", (), (5,))),
+])
+def test_framing_for_tokenizer_cases(case, expected):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from megadistill.data.framing import Framing, framing_for_tokenizer
+
+    specials = dict(unk_token="[UNK]", pad_token="[PAD]")
+    if case == "bare_mlm":
+        tok = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(), cls_token="[CLS]", sep_token="[SEP]",
+                                      mask_token="[MASK]", **specials)
+    elif case == "eos_appending":
+        post = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 5)])
+        tok = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(post), eos_token="<eos>", **specials)
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(), eos_token="<eos>", **specials)
+    assert framing_for_tokenizer(tok) == Framing(*expected)
+
+
+def test_framing_for_tokenizer_refusals():
+    from transformers import PreTrainedTokenizerFast
+
+    from megadistill.data.framing import framing_for_tokenizer
+
+    no_separator = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(), unk_token="[UNK]")
+    with pytest.raises(ValueError, match="no EOS token .*nor SEP"):
+        framing_for_tokenizer(no_separator)
+    sep_unused = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(), unk_token="[UNK]", sep_token="[SEP]")
+    with pytest.raises(ValueError, match="no EOS token and does not frame sequences"):
+        framing_for_tokenizer(sep_unused)

@@ -150,7 +150,7 @@ def test_wrong_magic(tmp_path):
     raw = bytearray((tmp_path / "c.idx").read_bytes())
     raw[:7] = b"NOTMEGA"
     (tmp_path / "c.idx").write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=r"c\.idx: not a Megatron MMIDIDX index"):
+    with pytest.raises(ValueError, match=r"c\.idx: byte 0: bad magic .*not a Megatron MMIDIDX index"):
         IndexedDataset(prefix)
 
 
@@ -159,7 +159,7 @@ def test_truncated_idx(tmp_path, keep):
     prefix = write(tmp_path / "c", DOCS)
     raw = (tmp_path / "c.idx").read_bytes()
     (tmp_path / "c.idx").write_bytes(raw[:keep])
-    with pytest.raises(ValueError, match=r"c\.idx: truncated"):
+    with pytest.raises(ValueError, match=r"c\.idx: (byte \d+: )?truncated \.idx"):
         IndexedDataset(prefix)
 
 
@@ -181,7 +181,7 @@ def test_bin_size_mismatch(tmp_path):
     prefix = write(tmp_path / "c", DOCS)
     with open(tmp_path / "c.bin", "ab") as f:
         f.write(b"\x00\x00")
-    with pytest.raises(ValueError, match=r"c\.bin: \.bin has 30 bytes but the \.idx describes 28"):
+    with pytest.raises(ValueError, match=r"c\.bin: byte 28: 2 trailing bytes; \.bin has 30 bytes but the \.idx describes 28"):
         IndexedDataset(prefix)
 
 
@@ -279,3 +279,60 @@ def test_atomic_text_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+
+
+def test_validate_index_reports_every_problem_and_the_reader_the_first(tmp_path):
+    from megadistill.data.indexed import validate_index
+
+    prefix = write(tmp_path / "c", DOCS)
+    report = validate_index(prefix)
+    assert report.valid and report.raw.count == 4 and report.raw.sizes.tolist() == [4, 3, 1, 6] and report.bin_bytes == 28
+    raw = bytearray((tmp_path / "c.idx").read_bytes())
+    raw[17] = 9  # unknown dtype code
+    raw[34 + 4:34 + 8] = struct.pack("<i", -3)  # negative length of sequence 1
+    (tmp_path / "c.idx").write_bytes(bytes(raw) + b"xyz")  # and trailing bytes
+    problems = validate_index(prefix).problems
+    assert len(problems) == 3, problems
+    assert all(p.startswith(f"{prefix}.idx: byte ") for p in problems)
+    with pytest.raises(ValueError, match=r"byte 17: unknown dtype code 9 .*3 problem\(s\) in all.*inspect_data\.py"):
+        IndexedDataset(prefix)
+
+
+def _framed_dataset(prefix, framing=None, **meta):
+    """DOCS with a provenance carrying ``framing`` (a dict, or None for none) plus ``meta``."""
+    write(prefix, DOCS)
+    record = {"tokenizer": {"sha256": "0" * 64}, **meta}
+    if framing is not None:
+        record["framing"] = framing
+    write_provenance(prefix, record)
+    return prefix
+
+
+def test_read_framing_of_old_and_new_provenance(tmp_path):
+    from megadistill.data.framing import Framing
+    from megadistill.data.indexed import read_framing
+
+    old = _framed_dataset(tmp_path / "old", bos_id=2, eos_id=1, add_bos=True)  # written before "framing" existed
+    assert read_framing(old) == Framing("decoder", (2,), (1,))
+    qwen_like = _framed_dataset(tmp_path / "q", bos_id=None, eos_id=7, add_bos=False)
+    assert read_framing(qwen_like) == Framing("decoder", (), (7,))
+    new = _framed_dataset(tmp_path / "new", {"kind": "encoder", "prefix_ids": [2], "suffix_ids": [3]})
+    assert read_framing(IndexedDataset(new)) == Framing("encoder", (2,), (3,))
+    for bad, field in (({"kind": "seq2seq", "prefix_ids": [], "suffix_ids": []}, "framing.kind"),
+                       ({"kind": "encoder", "prefix_ids": [2], "suffix_ids": "3"}, "framing.suffix_ids")):
+        with pytest.raises(ValueError, match=rf"bad\.json: {field}"):
+            read_framing(_framed_dataset(tmp_path / "bad", bad))
+
+
+def test_open_checked_datasets_accepts_one_framing_per_run(tmp_path, monkeypatch):
+    import megadistill.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "tokenizer_sha256", lambda tokenizer: "0" * 64)
+    encoder = {"kind": "encoder", "prefix_ids": [2], "suffix_ids": [3]}
+    a, b = _framed_dataset(tmp_path / "a", encoder), _framed_dataset(tmp_path / "b", encoder)
+    assert [len(ds) for ds in indexed.open_checked_datasets([a, b], tokenizer=None, framing_kind="encoder")] == [4, 4]
+    decoder = _framed_dataset(tmp_path / "d", bos_id=2, eos_id=1, add_bos=True)
+    with pytest.raises(ValueError, match=r"d\.json: framing .* differs from .*a\.json"):
+        indexed.open_checked_datasets([a, decoder], tokenizer=None)
+    with pytest.raises(ValueError, match=r"d\.json: documents are framed for decoder models .* needs encoder framing"):
+        indexed.open_checked_datasets([decoder], tokenizer=None, framing_kind="encoder")

@@ -1,4 +1,4 @@
-"""Tests for tools/inspect_data.py: report contents, raw-byte validation of corrupt pairs, JSON, decoding, CLI errors."""
+"""Tests for megadistill.data.inspect and tools/inspect_data.py: report, raw-byte validation of corrupt pairs, JSON, decoding, CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from megadistill.data.indexed import IndexedDatasetWriter, tokenizer_sha256, write_provenance
-from tools.inspect_data import describe, main, validate
+from megadistill.data.inspect import describe, validate
+from tools.inspect_data import main
 
 DOCS = [[2, 10, 11, 1], [2, 500, 1], [7], [2, 650, 3, 4, 5, 1]]
 # Offsets in the .idx of DOCS (n = 4 sequences, d = 5 document indices).
@@ -248,3 +249,22 @@ def test_empty_dataset_is_valid(tmp_path, capsys):
     assert validate(prefix, check_ids=True) == []
     assert main([str(prefix)]) == 0
     assert "sequences   0, documents 0" in capsys.readouterr().out
+
+
+def test_check_ids_finds_a_document_without_its_framing(tmp_path):
+    prefix = make_dataset(tmp_path / "f", docs=[[2, 10, 3], [2, 11, 12, 3], [2, 13, 4]])
+    meta = json.loads((tmp_path / "f.json").read_text())
+    write_provenance(prefix, dict(meta, framing={"kind": "encoder", "prefix_ids": [2], "suffix_ids": [3]}))
+    assert validate(prefix) == []  # the framing is only scanned with check_ids, like the ids
+    problems = validate(prefix, check_ids=True)
+    assert len(problems) == 1 and problems[0].startswith(f"{prefix}.bin: byte 14: sequence 2 is not framed"), problems
+    assert "1 sequences in all" in problems[0]
+
+
+def test_malformed_framing_record_is_a_provenance_problem(dataset, capsys):
+    meta = json.loads((dataset.parent / "c.json").read_text())
+    write_provenance(dataset, dict(meta, framing={"kind": "encoder", "prefix_ids": "CLS", "suffix_ids": []}))
+    problems = validate(dataset, check_ids=True)
+    assert any(p.startswith(f"{dataset}.json: framing.prefix_ids") for p in problems), problems
+    assert main([str(dataset)]) == 1
+    assert "framing     encoder CLS text []" in capsys.readouterr().out

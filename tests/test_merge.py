@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megadistill.data.binarize import BinarizeOptions, binarize
 from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance
+from megadistill.data.inspect import validate
 from megadistill.data.merge import merge_datasets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +27,7 @@ def _load(name: str):
     return module
 
 
-binarize_tool = _load("binarize")
 merge_tool = _load("merge_datasets")
-inspect_tool = _load("inspect_data")
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +35,15 @@ def shards(sib200_dir, tiny_tokenizer, tmp_path_factory):
     """hin_Deva dev and test binarized as two shards and together (with an IAST twin each)."""
     root = tmp_path_factory.mktemp("shards")
     inputs = [sib200_dir / "hin_Deva" / "dev.tsv", sib200_dir / "hin_Deva" / "test.tsv"]
-    options = binarize_tool.BinarizeOptions(romanize="iast", block_bytes=4096)
+    options = BinarizeOptions(romanize="iast", block_bytes=4096)
     prefixes = []
     for i, path in enumerate(inputs):
         prefix = root / f"hin_Deva.{i:02d}"
-        binarize_tool.binarize([path], tiny_tokenizer, prefix, options, show_progress=False)
+        binarize([path], tiny_tokenizer, prefix, options, show_progress=False)
         prefixes.append(prefix)
     together = root / "together" / "hin_Deva"
     together.parent.mkdir()
-    binarize_tool.binarize(inputs, tiny_tokenizer, together, options, show_progress=False)
+    binarize(inputs, tiny_tokenizer, together, options, show_progress=False)
     return root, prefixes, together
 
 
@@ -64,7 +64,7 @@ def test_merged_shards_equal_one_run_byte_for_byte(shards):
     assert [s["shard"] for s in meta["sources"]] == [str(p) for p in prefixes]
     assert [m["documents"] for m in meta["merged_from"]] == [len(IndexedDataset(p)) for p in prefixes]
     assert "romanized_as" not in meta and read_provenance(out) == meta
-    assert inspect_tool.validate(out, check_ids=True) == []  # the independent reader agrees with the sidecar
+    assert validate(out, check_ids=True) == []  # the independent reader agrees with the sidecar
 
 
 def test_merged_romanized_twins_keep_the_pairing_and_sum_the_report(shards):
@@ -99,13 +99,31 @@ def test_refuses_another_tokenizer_and_leaves_nothing(shards, tmp_path):
 def test_refuses_other_language_unless_allowed(shards, sib200_dir, tiny_tokenizer, tmp_path):
     _, prefixes, _ = shards
     ben = tmp_path / "ben_Beng"
-    binarize_tool.binarize([sib200_dir / "ben_Beng" / "dev.tsv"], tiny_tokenizer, ben, binarize_tool.BinarizeOptions(),
-                           show_progress=False)
+    binarize([sib200_dir / "ben_Beng" / "dev.tsv"], tiny_tokenizer, ben, BinarizeOptions(), show_progress=False)
     with pytest.raises(ValueError, match="language is 'ben'.*--allow-mixed-languages"):
         merge_datasets([prefixes[0], ben], tmp_path / "mixed")
     meta = merge_datasets([prefixes[0], ben], tmp_path / "mixed", allow_mixed_languages=True)
     assert meta["language"] is None and meta["languages"] == ["ben_Beng", "hin_Deva"]
     assert meta["documents"] == len(IndexedDataset(prefixes[0])) + len(IndexedDataset(ben))
+
+
+def test_refuses_shards_framed_differently(shards, tmp_path):
+    _, prefixes, _ = shards
+    copy = tmp_path / "encoder_shard"
+    for suffix in (".bin", ".idx"):
+        Path(f"{copy}{suffix}").write_bytes(_bytes(prefixes[1], suffix))
+    meta = read_provenance(prefixes[1])
+    meta["framing"] = {"kind": "encoder", "prefix_ids": [2], "suffix_ids": [1]}
+    Path(f"{copy}.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"encoder_shard\.json: framing is .*'encoder'.* but .*hin_Deva\.00\.json has"):
+        merge_datasets([prefixes[0], copy], tmp_path / "out")
+    legacy = tmp_path / "legacy_shard"  # provenance from before "framing" existed: decoder, merges with new shards
+    for suffix in (".bin", ".idx"):
+        Path(f"{legacy}{suffix}").write_bytes(_bytes(prefixes[1], suffix))
+    del meta["framing"]
+    Path(f"{legacy}.json").write_text(json.dumps(meta))
+    merged = merge_datasets([legacy, prefixes[0]], tmp_path / "out")
+    assert merged["framing"] == {"kind": "decoder", "prefix_ids": [2], "suffix_ids": [1]}
 
 
 def test_failed_merge_keeps_the_previous_output(shards, tmp_path):

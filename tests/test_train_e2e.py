@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import build_tiny_tokenizer, read_sib200_texts
-from tools.binarize import binarize
+from megadistill.data.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 """Parse and tokenize corpus blocks into flat token arrays, in this process or an ordered pool of worker processes.
 
-The worker side of ``tools/binarize.py``: each worker holds one :class:`DocumentEncoder`
-(the teacher tokenizer, the EOS rule, an optional romanizer and the expected script) and
+The worker side of :mod:`megadistill.data.binarize`: each worker holds one :class:`DocumentEncoder`
+(the teacher tokenizer, the document :class:`~megadistill.data.framing.Framing`, an optional
+romanizer and the expected script) and
 turns a :class:`megadistill.data.sources.Block` of raw lines or rows into one flat ``int64``
 array plus per-document lengths, which pickle cheaply back to the writer; decoding, JSON
 parsing and NFC run in the workers too, so the reading process only frames bytes. :func:`ordered_map` keeps at most ``max_in_flight`` batches
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from megadistill.data.dedup import sentence_hash
+from megadistill.data.framing import Framing
 from megadistill.data.scripts import SCRIPT_RANGES, script_letter_counts
 from megadistill.data.sources import Block, SourceStats, parse_block
 
@@ -33,7 +35,7 @@ class EncodedBatch:
     """Token ids of a batch of documents.
 
     Attributes:
-        ids: int64 [total tokens], the documents' ids concatenated (teacher ids, EOS included); None
+        ids: int64 [total tokens], the documents' ids concatenated (teacher ids, framing included); None
             when only the romanized text is encoded.
         lengths: int64 [documents], tokens per document (or None, as ``ids``).
         romanized_ids, romanized_lengths: the same for the romanized texts, or None.
@@ -64,14 +66,15 @@ class EncodedBatch:
 
 
 class TokenizerHandle:
-    """Batch encoder over the fast tokenizer's ``tokenizers`` backend; pickles as the backend's JSON.
+    """Batch encoder (no special tokens) over the fast tokenizer's ``tokenizers`` backend; pickles as the backend's JSON.
 
     In this process it uses the tokenizer's own backend (no second copy of a 262k-id vocabulary)
     when truncation and padding are off; worker processes rebuild it with
     ``tokenizers.Tokenizer.from_str`` (no ``transformers`` import). ``encode_batch_fast`` (no
     offsets) is ~1.6x faster than ``tokenizer(texts)`` on Gemma 3, and runs on the Rust thread
     pool (``RAYON_NUM_THREADS`` threads). A tokenizer without a backend (slow tokenizers), or
-    whose backend gives other ids than ``tokenizer(text)`` on a probe text, is called normally.
+    whose backend gives other ids than ``tokenizer(text, add_special_tokens=False)`` on a probe
+    text, is called normally.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -83,7 +86,7 @@ class TokenizerHandle:
         self._slow, self._backend = None, getattr(tokenizer, "backend_tokenizer", None)
         if self._backend is not None and (self._backend.truncation is not None or self._backend.padding is not None):
             self._backend = self._from_json(self._backend.to_str())
-        if self._backend is None or self.encode([self._PROBE]) != [tokenizer(self._PROBE, add_special_tokens=True)["input_ids"]]:
+        if self._backend is None or self.encode([self._PROBE]) != [tokenizer(self._PROBE, add_special_tokens=False)["input_ids"]]:
             self._slow, self._backend = tokenizer, None
 
     @staticmethod
@@ -103,28 +106,30 @@ class TokenizerHandle:
         self._backend = None if state["json"] is None else self._from_json(state["json"])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text with the tokenizer's special tokens (BOS/EOS as its post-processor adds)."""
+        """Token ids of each text, without special tokens (the :class:`Framing` adds them)."""
         if self._backend is None:
-            return self._slow(texts, add_special_tokens=True)["input_ids"]
+            return self._slow(texts, add_special_tokens=False)["input_ids"]
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=True)]
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 class DocumentEncoder:
-    """Parser + tokenizer + EOS rule + optional romanizer for one output dataset (picklable to worker processes).
+    """Parser + tokenizer + framing + optional romanizer for one output dataset (picklable to worker processes).
 
     Args:
         tokenizer: Hugging Face tokenizer (the teacher's), fast preferably.
-        eos_suffix: ids appended to each document: ``[eos_id]``, or ``[]`` when the tokenizer adds EOS.
+        framing: ids put around each document's tokens
+            (:func:`megadistill.data.framing.framing_for_tokenizer`).
         script: ISO 15924 code the texts should be in (``"Deva"``), or None to skip the check.
         romanizer: a :class:`megadistill.data.romanize.Romanizer`, or None.
         native: also encode the native text (False: only the romanized one is written).
         dedup: return the texts and their sentence hashes for the writer's deduplication.
     """
 
-    def __init__(self, tokenizer: Any, eos_suffix: list[int], script: str | None = None, romanizer: Any = None,
+    def __init__(self, tokenizer: Any, framing: Framing, script: str | None = None, romanizer: Any = None,
                  native: bool = True, dedup: bool = False) -> None:
-        self.tokenizer, self.eos_suffix, self.script = TokenizerHandle(tokenizer), list(eos_suffix), script
+        self.tokenizer, self.script = TokenizerHandle(tokenizer), script
+        self.prefix_ids, self.suffix_ids = list(framing.prefix_ids), list(framing.suffix_ids)
         self.romanizer, self.native, self.dedup = romanizer, native, dedup
 
     def encode(self, block: Block) -> EncodedBatch:
@@ -161,11 +166,11 @@ class DocumentEncoder:
         return batch
 
     def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Flat int64 ids and int64 lengths of ``tokenizer(texts) + eos_suffix``."""
+        """Flat int64 ids and int64 lengths of ``prefix_ids + tokenizer(text) + suffix_ids`` per text."""
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        encoded = self.tokenizer.encode(texts)
-        docs = [ids + self.eos_suffix for ids in encoded] if self.eos_suffix else encoded
+        prefix, suffix = self.prefix_ids, self.suffix_ids
+        docs = [prefix + ids + suffix for ids in self.tokenizer.encode(texts)]
         lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
         ids = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
         return ids, lengths

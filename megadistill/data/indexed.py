@@ -15,7 +15,9 @@ other way round. Layout of ``<prefix>.idx`` (little endian)::
 
 ``<prefix>.bin`` is the raw concatenation of all token ids in the dtype of the header.
 megadistill stores one sequence per document (``document_indices == arange(n + 1)``).
-Next to the pair sits ``<prefix>.json``: provenance (tokenizer hash, counts, language).
+Next to the pair sits ``<prefix>.json``: provenance (tokenizer hash, document framing, counts,
+language). :func:`validate_index` parses the raw bytes and reports every inconsistency; the
+reader (:class:`IndexedDataset`) opens only a pair it finds none in.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import logging
 import os
 import struct
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from megadistill.data.framing import Framing, FramingKind, framing_from_provenance
 from megadistill.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -284,6 +288,240 @@ def _pointers_from_sizes(sizes: np.ndarray, itemsize: int) -> np.ndarray:
     return pointers
 
 
+# ------------------------------------------------------------------ parsing and validating the bytes
+
+
+@dataclass
+class RawIndex:
+    """What the bytes of an ``.idx`` file say, nothing assumed consistent (see the module docstring).
+
+    Attributes:
+        path: the ``.idx`` file.
+        nbytes: its length in bytes.
+        magic: its first (up to) 9 bytes.
+        version, code, count, doc_count: header fields (MMIDIDX version, Megatron dtype code,
+            sequence count ``n``, document-index count ``d``); None when the header is truncated.
+        sizes: int32 [n] tokens per sequence; pointers: int64 [n] byte offsets into ``.bin``;
+            doc_index: int64 [d] first sequence of each document. Each is a read-only view of
+            the mapped file, or None when the file ends before the array does.
+    """
+
+    path: Path
+    nbytes: int
+    magic: bytes = b""
+    version: int | None = None
+    code: int | None = None
+    count: int | None = None
+    doc_count: int | None = None
+    sizes: np.ndarray | None = None
+    pointers: np.ndarray | None = None
+    doc_index: np.ndarray | None = None
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """Token dtype of the header's dtype code; None when the code is unknown or absent."""
+        return DTYPE_CODES.get(self.code) if self.code is not None else None
+
+    @property
+    def sizes_offset(self) -> int:
+        """Byte offset of ``sequence_lengths`` (int32[n])."""
+        return _HEADER.size
+
+    @property
+    def pointers_offset(self) -> int:
+        """Byte offset of ``sequence_ptrs`` (int64[n])."""
+        return _HEADER.size + 4 * (self.count or 0)
+
+    @property
+    def doc_index_offset(self) -> int:
+        """Byte offset of ``document_indices`` (int64[d])."""
+        return _HEADER.size + 12 * (self.count or 0)
+
+    @property
+    def expected_nbytes(self) -> int | None:
+        """Length the header promises: 34 + 12 n + 8 d bytes; None without a complete header."""
+        if self.count is None or self.doc_count is None:
+            return None
+        return _HEADER.size + 12 * self.count + 8 * self.doc_count
+
+
+def read_raw_index(idx_path: str | Path) -> RawIndex:
+    """Parse the header and the arrays of an ``.idx`` file as far as its bytes reach (memory-mapped, no copy).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+    """
+    idx_path = Path(idx_path)
+    nbytes = idx_path.stat().st_size
+    raw = RawIndex(idx_path, nbytes)
+    data = np.memmap(idx_path, dtype=np.uint8, mode="r") if nbytes else np.zeros(0, np.uint8)
+    raw.magic = bytes(data[: len(MMIDIDX_MAGIC)])
+    if nbytes < _HEADER.size:
+        return raw
+    _, raw.version, raw.code, raw.count, raw.doc_count = _HEADER.unpack(bytes(data[: _HEADER.size]))
+    raw.sizes = _array_at(data, raw.sizes_offset, "<i4", raw.count)
+    raw.pointers = _array_at(data, raw.pointers_offset, "<i8", raw.count)
+    raw.doc_index = _array_at(data, raw.doc_index_offset, "<i8", raw.doc_count)
+    return raw
+
+
+def _array_at(data: np.ndarray, offset: int, dtype: str, count: int) -> np.ndarray | None:
+    """``count`` items of ``dtype`` at byte ``offset``, or None if the bytes end before the last one."""
+    if offset + np.dtype(dtype).itemsize * count > len(data):
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+
+
+def _header_problems(raw: RawIndex) -> list[str]:
+    """Magic, header length, version and dtype code (each with its byte offset)."""
+    p, problems = raw.path, []
+    if raw.magic != MMIDIDX_MAGIC:
+        problems.append(f"{p}: byte 0: bad magic {raw.magic!r}, expected {MMIDIDX_MAGIC!r} (not a Megatron MMIDIDX index)")
+    if raw.nbytes < _HEADER.size:
+        return problems + [f"{p}: truncated .idx: {raw.nbytes} bytes, the header alone needs {_HEADER.size}"]
+    if raw.version != MMIDIDX_VERSION:
+        problems.append(f"{p}: byte 9: unsupported MMIDIDX version {raw.version}, expected {MMIDIDX_VERSION}")
+    if raw.code not in DTYPE_CODES:
+        table = ", ".join(f"{c} {d.name}" for c, d in DTYPE_CODES.items())
+        problems.append(f"{p}: byte 17: unknown dtype code {raw.code} (Megatron codes: {table})")
+    return problems
+
+
+def _length_problems(raw: RawIndex) -> list[str]:
+    """``.idx`` length against the 34 + 12 n + 8 d bytes the header promises."""
+    expected = raw.expected_nbytes
+    if expected is None or raw.nbytes == expected:
+        return []
+    promise = f"the header promises {expected} for {raw.count} sequences and {raw.doc_count} document indices"
+    if raw.nbytes < expected:
+        return [f"{raw.path}: byte {raw.nbytes}: truncated .idx: {raw.nbytes} bytes, {promise}"]
+    return [f"{raw.path}: byte {expected}: {raw.nbytes - expected} trailing bytes after the index ({promise})"]
+
+
+def _size_problems(raw: RawIndex) -> list[str]:
+    """Sequence lengths must be non-negative (first offender named)."""
+    bad = np.flatnonzero(raw.sizes < 0) if raw.sizes is not None else []
+    if len(bad) == 0:
+        return []
+    i = int(bad[0])
+    return [f"{raw.path}: byte {raw.sizes_offset + 4 * i}: sequence {i} has negative length {int(raw.sizes[i])}"
+            f" ({len(bad)} negative lengths in all)"]
+
+
+def _pointer_problems(raw: RawIndex) -> list[str]:
+    """Pointers equal the exclusive cumsum of sizes * itemsize (start at 0) and never decrease."""
+    ptrs, problems = raw.pointers, []
+    if ptrs is None or len(ptrs) == 0:
+        return []
+    if raw.sizes is not None and raw.dtype is not None:
+        expected = _pointers_from_sizes(raw.sizes, raw.dtype.itemsize)
+        if np.array_equal(ptrs, expected):
+            return []  # and so monotonic, lengths being checked apart (one pass over a large index, not three)
+        bad = np.flatnonzero(ptrs != expected)
+        i = int(bad[0])
+        problems.append(f"{raw.path}: byte {raw.pointers_offset + 8 * i}: pointers are not consistent with the "
+                        f"sequence lengths: pointer of sequence {i} is {int(ptrs[i])}, expected {int(expected[i])} "
+                        f"(= sum of earlier lengths x {raw.dtype.itemsize} bytes); {len(bad)} wrong pointers in all")
+    elif ptrs[0] != 0:
+        problems.append(f"{raw.path}: byte {raw.pointers_offset}: pointer of sequence 0 is {int(ptrs[0])}, expected 0")
+    down = np.flatnonzero(np.diff(ptrs) < 0)
+    if len(down):
+        i = int(down[0]) + 1
+        problems.append(f"{raw.path}: byte {raw.pointers_offset + 8 * i}: pointers not monotonic: sequence {i} "
+                        f"starts at {int(ptrs[i])}, before sequence {i - 1} at {int(ptrs[i - 1])}")
+    return problems
+
+
+def _doc_index_problems(raw: RawIndex) -> list[str]:
+    """Document indices start at 0, end at the sequence count and never decrease."""
+    docs, base, p, n = raw.doc_index, raw.doc_index_offset, raw.path, raw.count
+    if docs is None:
+        return []
+    if len(docs) == 0:
+        return [f"{p}: byte 26: document count 0; the document indices need at least [0 ... {n}]"]
+    problems = []
+    if docs[0] != 0:
+        problems.append(f"{p}: byte {base}: document index 0 is {int(docs[0])}, expected 0")
+    if docs[-1] != n:
+        last = len(docs) - 1
+        problems.append(f"{p}: byte {base + 8 * last}: last document index ({last}) is {int(docs[-1])}, "
+                        f"expected the sequence count {n}")
+    down = np.flatnonzero(np.diff(docs) < 0)
+    if len(down):
+        i = int(down[0]) + 1
+        problems.append(f"{p}: byte {base + 8 * i}: document indices decrease: index {i} is {int(docs[i])} "
+                        f"after {int(docs[i - 1])}")
+    return problems
+
+
+def _bin_size_problems(raw: RawIndex, bin_path: Path, bin_bytes: int) -> list[str]:
+    """``.bin`` size must be ``sum(sizes) * itemsize``; names the first sequence a short file cuts."""
+    if raw.sizes is None or raw.dtype is None:
+        return []
+    sizes = raw.sizes.astype(np.int64)
+    expected = int(sizes.sum()) * raw.dtype.itemsize
+    if bin_bytes == expected:
+        return []
+    what = (f".bin has {bin_bytes} bytes but the .idx describes {expected} ({int(sizes.sum())} tokens of "
+            f"{raw.dtype.name}); the pair is from different runs or truncated: re-run tools/binarize.py")
+    if bin_bytes > expected:
+        return [f"{bin_path}: byte {expected}: {bin_bytes - expected} trailing bytes; {what}"]
+    first = int(np.searchsorted(np.cumsum(sizes * raw.dtype.itemsize), bin_bytes, side="right"))
+    return [f"{bin_path}: byte {bin_bytes}: truncated .bin, sequence {first} onwards is cut; {what}"]
+
+
+@dataclass
+class IndexReport:
+    """Result of :func:`validate_index`: the parsed index, the ``.bin`` size and every structural problem.
+
+    Attributes:
+        prefix: the dataset prefix.
+        raw: the parsed ``.idx`` (:class:`RawIndex`).
+        bin_bytes: size of ``.bin`` in bytes.
+        problems: one message per problem, each naming the file and the byte offset; empty when valid.
+    """
+
+    prefix: Path
+    raw: RawIndex
+    bin_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def require_dataset_files(prefix: str | Path) -> None:
+    """FileNotFoundError naming every missing ``.idx``/``.bin`` of ``prefix`` (one line, with the fix)."""
+    bin_path, idx_path = _paths(prefix)
+    missing = [str(p) for p in (idx_path, bin_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: file not found (dataset prefix {prefix}); create the dataset "
+                                "with: python tools/binarize.py --input ... --output-prefix ...")
+
+
+def validate_index(prefix: str | Path) -> IndexReport:
+    """Check a ``<prefix>.idx``/``.bin`` pair from its raw bytes, reporting every problem (not just the first).
+
+    Checks: magic, version, dtype code, ``.idx`` length, sequence lengths, pointers, document
+    indices and ``.bin`` size. Reads the header and maps the arrays; ``.bin`` is only stat'ed.
+
+    Raises:
+        FileNotFoundError: ``.idx`` or ``.bin`` missing (:func:`require_dataset_files`).
+    """
+    require_dataset_files(prefix)
+    bin_path, idx_path = _paths(prefix)
+    raw = read_raw_index(idx_path)
+    report = IndexReport(Path(prefix), raw, bin_path.stat().st_size)
+    report.problems = (_header_problems(raw) + _length_problems(raw) + _size_problems(raw) + _pointer_problems(raw)
+                       + _doc_index_problems(raw) + _bin_size_problems(raw, bin_path, report.bin_bytes))
+    return report
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of a Megatron MMIDIDX ``<prefix>.bin``/``<prefix>.idx`` pair.
 
@@ -296,20 +534,26 @@ class IndexedDataset:
         prefix: path without ``.bin``/``.idx``.
     Raises:
         FileNotFoundError: ``.idx`` or ``.bin`` missing (message names the file).
-        ValueError: wrong magic, unsupported version, unknown dtype code, truncated ``.idx``,
-            ``.bin`` size not ``sum(sizes) * itemsize``, pointers inconsistent with sizes,
-            malformed document indices.
+        ValueError: any problem :func:`validate_index` finds (wrong magic, unsupported version,
+            unknown dtype code, truncated ``.idx`` or trailing bytes, ``.bin`` size not
+            ``sum(sizes) * itemsize``, pointers inconsistent with sizes, malformed document
+            indices); the message is the first problem and how many there are.
     """
 
     def __init__(self, prefix: str | Path) -> None:
         self._prefix = Path(prefix)
         self._bin_path, self._idx_path = _paths(prefix)
-        _require_files(self._bin_path, self._idx_path)
-        self._dtype, count, doc_count = _read_header(self._idx_path)
-        self._idx = np.memmap(self._idx_path, dtype=np.uint8, mode="r")
-        self._sizes, self._pointers, self._doc_index = _index_arrays(self._idx, self._idx_path, count, doc_count)
-        _validate_index(self._idx_path, self._sizes, self._pointers, self._doc_index, self._dtype)
-        self._bin = _map_bin(self._bin_path, int(self._sizes.sum(dtype=np.int64)) * self._dtype.itemsize)
+        report = validate_index(prefix)
+        if report.problems:
+            raise ValueError(f"{report.problems[0]} ({len(report.problems)} problem(s) in all, listed by: "
+                             f"python tools/inspect_data.py {prefix}; re-binarize to repair)")
+        raw = report.raw
+        self._dtype, self._sizes, self._pointers, self._doc_index = raw.dtype, raw.sizes, raw.pointers, raw.doc_index
+        if len(self._doc_index) != len(self._sizes) + 1:
+            logger.warning("%s: %d documents hold %d sequences; items are sequences", self._idx_path,
+                           len(self._doc_index) - 1, len(self._sizes))
+        # mmap refuses empty files; an empty dataset is still a valid one.
+        self._bin = np.memmap(self._bin_path, dtype=np.uint8, mode="r") if report.bin_bytes else b""
 
     # np.memmap pickles by copying the whole array; DataLoader workers reopen the files instead.
     def __getstate__(self) -> dict[str, Any]:
@@ -374,71 +618,6 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         """Total tokens in ``.bin``."""
         return int(self._sizes.sum(dtype=np.int64))
-
-
-def _require_files(bin_path: Path, idx_path: Path) -> None:
-    """FileNotFoundError naming whichever of ``.idx``/``.bin`` is missing."""
-    for path in (idx_path, bin_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: missing {path.suffix} file of the indexed dataset; "
-                "create it with: python tools/binarize.py --input ... --output-prefix ..."
-            )
-
-
-def _read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
-    """``(dtype, sequence_count, document_count)`` from the first 34 bytes of ``.idx``."""
-    with open(idx_path, "rb") as f:
-        raw = f.read(_HEADER.size)
-    if raw[: len(MMIDIDX_MAGIC)] != MMIDIDX_MAGIC:
-        raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (magic {raw[:9]!r})")
-    if len(raw) < _HEADER.size:
-        raise ValueError(f"{idx_path}: truncated .idx ({len(raw)} bytes, header needs {_HEADER.size})")
-    _, version, code, count, doc_count = _HEADER.unpack(raw)
-    if version != MMIDIDX_VERSION:
-        raise ValueError(f"{idx_path}: unsupported MMIDIDX version {version} (supported: {MMIDIDX_VERSION})")
-    if code not in DTYPE_CODES:
-        raise ValueError(f"{idx_path}: unknown dtype code {code} (Megatron codes: {sorted(DTYPE_CODES)})")
-    return DTYPE_CODES[code], count, doc_count
-
-
-def _index_arrays(idx: np.ndarray, idx_path: Path, count: int, doc_count: int) -> tuple[np.ndarray, ...]:
-    """Views of sizes (int32), pointers (int64), document indices (int64) inside the mapped ``.idx``."""
-    needed = _HEADER.size + 12 * count + 8 * doc_count
-    if len(idx) < needed:
-        raise ValueError(
-            f"{idx_path}: truncated .idx ({len(idx)} bytes, header promises {needed} for "
-            f"{count} sequences and {doc_count} document indices)"
-        )
-    offset = _HEADER.size
-    sizes = np.frombuffer(idx, dtype="<i4", count=count, offset=offset)
-    pointers = np.frombuffer(idx, dtype="<i8", count=count, offset=offset + 4 * count)
-    doc_index = np.frombuffer(idx, dtype="<i8", count=doc_count, offset=offset + 12 * count)
-    return sizes, pointers, doc_index
-
-
-def _validate_index(idx_path: Path, sizes: np.ndarray, pointers: np.ndarray, doc_index: np.ndarray, dtype: np.dtype) -> None:
-    """ValueError if sizes, pointers and document indices do not describe one contiguous ``.bin``."""
-    if len(sizes) and int(sizes.min()) < 0:
-        raise ValueError(f"{idx_path}: negative sequence length in .idx")
-    if not np.array_equal(pointers, _pointers_from_sizes(sizes, dtype.itemsize)):
-        raise ValueError(f"{idx_path}: sequence pointers are not consistent with sequence lengths")
-    if len(doc_index) == 0 or doc_index[0] != 0 or doc_index[-1] != len(sizes) or np.any(np.diff(doc_index) < 0):
-        raise ValueError(f"{idx_path}: document indices must rise from 0 to the sequence count {len(sizes)}")
-    if len(doc_index) != len(sizes) + 1:
-        logger.warning("%s: %d documents hold %d sequences; items are sequences", idx_path, len(doc_index) - 1, len(sizes))
-
-
-def _map_bin(bin_path: Path, expected_bytes: int) -> np.ndarray | bytes:
-    """Memory-map ``.bin`` as uint8 after checking its size against the index."""
-    actual = bin_path.stat().st_size
-    if actual != expected_bytes:
-        raise ValueError(
-            f"{bin_path}: .bin has {actual} bytes but the .idx describes {expected_bytes}; "
-            "the pair is from different runs or truncated: re-run tools/binarize.py"
-        )
-    # mmap refuses empty files; an empty dataset is still a valid one.
-    return np.memmap(bin_path, dtype=np.uint8, mode="r") if actual else b""
 
 
 def _provenance_path(prefix: str | Path) -> Path:
@@ -520,17 +699,53 @@ def _special_tokens(tokenizer: Any) -> dict[str, str]:
     return {name: str(value) for name, value in tokenizer.special_tokens_map.items()}
 
 
-def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any) -> list["IndexedDataset"]:
-    """Open indexed datasets, refusing any binarized with another tokenizer (:func:`check_tokenizer_matches`).
+def read_framing(dataset: "IndexedDataset | str | Path") -> Framing:
+    """The :class:`~megadistill.data.framing.Framing` of a dataset (or prefix), from its ``.json`` provenance.
+
+    Provenance without a ``framing`` record (written before encoder support) means decoder framing.
 
     Raises:
-        FileNotFoundError / ValueError: as :class:`IndexedDataset` and :func:`check_tokenizer_matches`.
+        FileNotFoundError: ``<prefix>.json`` missing.
+        ValueError: a malformed ``framing`` record (names the file and the field).
     """
-    datasets = []
+    prefix = dataset.prefix if isinstance(dataset, IndexedDataset) else dataset
+    return framing_from_provenance(read_provenance(prefix), f"{prefix}.json")
+
+
+def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any,
+                          framing_kind: FramingKind | None = None) -> list["IndexedDataset"]:
+    """Open indexed datasets, refusing any binarized with another tokenizer or framed otherwise than the rest.
+
+    Decoder (``[BOS] text EOS``) and encoder (``[CLS] text [SEP]``, ``<s> text </s>``) datasets
+    are both accepted; all of one call must share one framing (:func:`read_framing`).
+
+    Args:
+        prefixes: dataset prefixes.
+        tokenizer: the teacher tokenizer (:func:`check_tokenizer_matches`).
+        framing_kind: ``"decoder"`` or ``"encoder"`` to also refuse datasets framed for the
+            other kind of model (a masked-LM stage passes ``"encoder"``); None accepts either.
+    Raises:
+        FileNotFoundError / ValueError: as :class:`IndexedDataset`, :func:`check_tokenizer_matches`
+            and :func:`read_framing`; ValueError for a dataset of another framing kind than
+            ``framing_kind`` or another framing than the first dataset.
+    """
+    datasets, framings = [], []
     for prefix in prefixes:
         check_tokenizer_matches(prefix, tokenizer)
+        framings.append(read_framing(prefix))
+        _check_framing(prefix, framings[-1], framings[0], prefixes[0], framing_kind)
         datasets.append(IndexedDataset(prefix))
     return datasets
+
+
+def _check_framing(prefix, framing: Framing, first: Framing, first_prefix, kind: FramingKind | None) -> None:
+    """ValueError when ``framing`` is not of ``kind`` or differs from the first dataset's."""
+    if kind is not None and framing.kind != kind:
+        raise ValueError(f"{prefix}.json: documents are framed for {framing.kind} models ({framing.as_dict()}) but "
+                         f"this run needs {kind} framing; binarize the text with the {kind} teacher's tokenizer")
+    if framing != first:
+        raise ValueError(f"{prefix}.json: framing {framing.as_dict()} differs from {first_prefix}.json's "
+                         f"{first.as_dict()}; binarize all datasets of a run with the same tokenizer and binarize version")
 
 
 def check_tokenizer_matches(prefix: str | Path, tokenizer: Any) -> None:

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from megadistill.data.framing import framing_from_provenance
 from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance, write_provenance
 from megadistill.data.sources import sum_counts
 
@@ -81,6 +82,7 @@ def _check_compatible(paths: list[Path], metas: list[dict], allow_mixed_language
     """ValueError naming the first shard that differs from the first one in a field that must match."""
     fields = _MUST_MATCH + (() if allow_mixed_languages else _SLICE)
     first = metas[0]
+    _check_framings(paths, metas)
     for path, meta in zip(paths[1:], metas[1:]):
         for key in fields:
             if meta.get(key) != first.get(key):
@@ -91,6 +93,16 @@ def _check_compatible(paths: list[Path], metas: list[dict], allow_mixed_language
                 )
         if _scheme(meta) != _scheme(first):
             raise ValueError(f"{path}.json: romanization scheme {_scheme(meta)!r} but {paths[0]}.json has {_scheme(first)!r}")
+
+
+def _check_framings(paths: list[Path], metas: list[dict]) -> None:
+    """ValueError naming the first shard framed unlike the first one (no record, as in older shards, = decoder)."""
+    first = framing_from_provenance(metas[0], f"{paths[0]}.json")
+    for path, meta in zip(paths[1:], metas[1:]):
+        framing = framing_from_provenance(meta, f"{path}.json")
+        if framing != first:
+            raise ValueError(f"{path}.json: framing is {framing.as_dict()} but {paths[0]}.json has "
+                             f"{first.as_dict()}; shards must come from the same tokenizer and binarize settings")
 
 
 def _check_counts(path: Path, meta: dict, ds: IndexedDataset) -> None:
@@ -116,6 +128,7 @@ def merged_provenance(paths: Sequence[Path], metas: Sequence[dict[str, Any]]) ->
         in the same order, which this function cannot know.
     """
     merged = {key: value for key, value in metas[0].items() if key not in ("romanized_as",)}
+    merged["framing"] = framing_from_provenance(metas[0]).as_dict()
     for key in _SUMMED:
         merged[key] = sum(int(m.get(key) or 0) for m in metas)
     merged["sources"] = [dict(src, shard=str(path)) for path, m in zip(paths, metas) for src in m.get("sources", [])]
