@@ -1,4 +1,4 @@
-"""Tests for megadistill.data.romanize and tools/romanize.py, on real SIB-200 sentences (CPU, a few seconds)."""
+"""Tests for megadistill.data.romanize(_corpus) and tools/romanize.py, on real SIB-200 sentences (CPU, a few seconds)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from megadistill.data.romanize import (
     romanized_prefix,
     round_trip_hazard,
 )
+from megadistill.data import romanize_corpus
+from megadistill.data.romanize_corpus import tsv_field
 from megadistill.data.sources import read_documents
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +231,8 @@ def test_cli_writes_paired_tsv_and_reports(sib200_dir, tmp_path, capsys):
     for line, (lang, text) in zip(lines[1:], expected):
         source, number, native, romanized = line.split("\t")
         assert source.endswith(f"{lang}/dev.tsv") and int(number) >= 2
-        assert native == romanize_tool.tsv_field(text)
-        assert romanized == romanize_tool.tsv_field(Romanizer(lang[-4:], "iso", lang[:3]).romanize(text))
+        assert native == tsv_field(text)
+        assert romanized == tsv_field(Romanizer(lang[-4:], "iso", lang[:3]).romanize(text))
     romanized_back = [d.text for d in read_documents(out, text_field="romanized")]
     assert len(romanized_back) == 198 and romanized_back[0] == lines[1].split("\t")[3]
     report = capsys.readouterr().out
@@ -282,7 +284,7 @@ def test_cli_refuses_bad_input_with_exit_2(sib200_dir, tmp_path, capsys, case, m
 def test_cli_never_leaves_a_half_written_output(sib200_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "dev.tsv"
     out.write_text("old content\n", encoding="utf-8")
-    real_read = romanize_tool.read_documents
+    real_read = romanize_corpus.read_documents
 
     def failing_read(path, **kwargs):
         for i, doc in enumerate(real_read(path, **kwargs)):
@@ -290,7 +292,7 @@ def test_cli_never_leaves_a_half_written_output(sib200_dir, tmp_path, monkeypatc
                 raise ValueError(f"{path}:{doc.line}: simulated failure mid-way")
             yield doc
 
-    monkeypatch.setattr(romanize_tool, "read_documents", failing_read)
+    monkeypatch.setattr(romanize_corpus, "read_documents", failing_read)
     argv = ["--input", str(sib200_dir / "hin_Deva" / "dev.tsv"), "--scheme", "iso", "--output", str(out), "--paired"]
     assert romanize_tool.main(argv) == 2
     assert "simulated failure mid-way" in capsys.readouterr().err

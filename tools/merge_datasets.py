@@ -7,8 +7,8 @@
 Shards are concatenated in the order given (``--input-glob`` sorts the matches), so merging the
 shards of one input list in order reproduces the bytes of a single ``tools/binarize.py`` run.
 The shards must share the tokenizer (provenance hash), special tokens, dtype, language and
-script (``--allow-mixed-languages`` lifts the last two). ``merge_datasets()`` in
-``megadistill.data.merge`` is the importable core.
+script (``--allow-mixed-languages`` lifts the last two), and their framing. This file parses the
+command line and prints; :func:`megadistill.data.merge.merge_datasets` does the work.
 
 Exit status: 0 merged, 2 bad input (one line naming the shard and the field).
 """
@@ -16,7 +16,6 @@ Exit status: 0 merged, 2 bad input (one line naming the shard and the field).
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import sys
 import time
@@ -29,7 +28,7 @@ except ImportError:  # run as `python tools/merge_datasets.py` from a checkout w
     import megadistill  # noqa: F401
 
 from megadistill.data.indexed import dataset_prefix
-from megadistill.data.merge import merge_datasets
+from megadistill.data.merge import merge_datasets, prefixes_matching
 
 PROG = "merge_datasets"
 
@@ -47,18 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shard_prefixes(args: argparse.Namespace) -> list[str]:
-    """The shard prefixes to merge: ``--input`` as given, or the sorted, de-suffixed ``--input-glob`` matches.
+    """The shard prefixes to merge: ``--input`` as given, or the sorted ``--input-glob`` matches, without suffixes.
 
     Raises:
         FileNotFoundError: the glob matches no ``.idx`` file.
     """
     if args.input:
         return [str(dataset_prefix(p)) for p in args.input]
-    pattern = args.input_glob if args.input_glob.endswith(".idx") else args.input_glob + ".idx"
-    matches = sorted(glob.glob(pattern))
-    if not matches:
-        raise FileNotFoundError(f"--input-glob {args.input_glob!r}: no .idx file matches {pattern!r}")
-    return [str(dataset_prefix(m)) for m in matches]
+    return prefixes_matching(args.input_glob)
 
 
 def main(argv: list[str] | None = None) -> int:

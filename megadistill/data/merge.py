@@ -12,12 +12,14 @@ checks the provenance so that shards tokenized differently are never mixed.
 from __future__ import annotations
 
 import datetime
+import glob
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from megadistill.data.framing import framing_from_provenance
-from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance, write_provenance
+from megadistill.data.indexed import (IndexedDataset, IndexedDatasetWriter, dataset_prefix, read_provenance,
+                                      write_provenance)
 from megadistill.data.sources import sum_counts
 
 logger = logging.getLogger(__name__)
@@ -155,3 +157,17 @@ def _merged_romanization(reports: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = sum(int(r.get(key) or 0) for r in reports)
     out["unmapped_fraction"] = out.get("unmapped_characters", 0) / max(out.get("native_characters", 0), 1)
     return out
+
+
+def prefixes_matching(pattern: str) -> list[str]:
+    """Shard prefixes of the ``.idx`` files a glob matches, sorted (``pattern`` may name ``.idx`` files or prefixes).
+
+    Raises:
+        FileNotFoundError: the glob matches no ``.idx`` file.
+    """
+    idx_pattern = pattern if pattern.endswith(".idx") else pattern + ".idx"
+    matches = sorted(glob.glob(idx_pattern))
+    if not matches:
+        raise FileNotFoundError(f"shard glob {pattern!r}: no .idx file matches {idx_pattern!r}; "
+                                "check the path (and quote the glob so the shell leaves it alone)")
+    return [str(dataset_prefix(m)) for m in matches]
