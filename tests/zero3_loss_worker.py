@@ -113,6 +113,8 @@ def run(rank: int, world: int, port: int, out_path: str) -> None:
                                          external_params=module.adapter.head_parameters(module.student))
     batches = make_batches()
     mine = batches if world == 1 else [batches[rank]]
+    for batch in mine:
+        batch["samples"] = world  # global samples per micro-batch, as the batch iterators count them
     stats = []
 
     def metrics(totals):
