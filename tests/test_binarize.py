@@ -381,3 +381,18 @@ def test_framing_for_tokenizer_refusals():
     sep_unused = PreTrainedTokenizerFast(tokenizer_object=_wordpiece_backend(), unk_token="[UNK]", sep_token="[SEP]")
     with pytest.raises(ValueError, match="no EOS token and does not frame sequences"):
         framing_for_tokenizer(sep_unused)
+
+
+def test_cli_binarizes_with_an_encoder_tokenizer(tmp_path, bert_tokenizer, sib200_dir, capsys):
+    pytest.importorskip("megadistill.models.teacher")
+    bert_tokenizer.save_pretrained(tmp_path / "bert")  # tokenizer files only: load_tokenizer accepts such a directory
+    prefix = tmp_path / "hin_Deva"
+    code = binarize_tool.main(["--input", str(sib200_dir / "hin_Deva" / "dev.tsv"), "--tokenizer", str(tmp_path / "bert"),
+                               "--output-prefix", str(prefix), "--no-progress", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "99 documents" in out and "encoder framing [2] text [3]" in out
+    check_tokenizer_matches(prefix, bert_tokenizer)
+    from conftest import read_sib200_texts
+
+    first = unicodedata.normalize("NFC", read_sib200_texts(sib200_dir, "hin_Deva", "dev")[0])
+    assert IndexedDataset(prefix)[0].tolist() == bert_tokenizer(first).input_ids

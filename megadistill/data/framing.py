@@ -35,6 +35,8 @@ class Framing:
         prefix_ids: token ids before the text's tokens, e.g. ``(2,)`` (Gemma BOS), ``(101,)``
             (BERT ``[CLS]``), ``()`` (Qwen).
         suffix_ids: token ids after them, e.g. ``(1,)`` (Gemma EOS), ``(102,)`` (``[SEP]``).
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
     """
 
     kind: FramingKind
@@ -49,10 +51,6 @@ class Framing:
     def special_ids(self) -> frozenset[int]:
         """Every id the frame adds (prefix and suffix)."""
         return frozenset(self.prefix_ids) | frozenset(self.suffix_ids)
-
-    def frame(self, ids: list[int]) -> list[int]:
-        """``prefix_ids + ids + suffix_ids`` (a new list)."""
-        return [*self.prefix_ids, *ids, *self.suffix_ids]
 
     def as_dict(self) -> dict[str, Any]:
         """The provenance form: ``{"kind": str, "prefix_ids": [int], "suffix_ids": [int]}``."""

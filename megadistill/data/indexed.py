@@ -458,11 +458,12 @@ def _bin_size_problems(raw: RawIndex, bin_path: Path, bin_bytes: int) -> list[st
     """``.bin`` size must be ``sum(sizes) * itemsize``; names the first sequence a short file cuts."""
     if raw.sizes is None or raw.dtype is None:
         return []
-    sizes = raw.sizes.astype(np.int64)
-    expected = int(sizes.sum()) * raw.dtype.itemsize
+    tokens = int(raw.sizes.sum(dtype=np.int64))
+    expected = tokens * raw.dtype.itemsize
     if bin_bytes == expected:
         return []
-    what = (f".bin has {bin_bytes} bytes but the .idx describes {expected} ({int(sizes.sum())} tokens of "
+    sizes = raw.sizes.astype(np.int64)
+    what = (f".bin has {bin_bytes} bytes but the .idx describes {expected} ({tokens} tokens of "
             f"{raw.dtype.name}); the pair is from different runs or truncated: re-run tools/binarize.py")
     if bin_bytes > expected:
         return [f"{bin_path}: byte {expected}: {bin_bytes - expected} trailing bytes; {what}"]

@@ -6,7 +6,7 @@ is skipped without being held in memory, and an undecodable byte is reported as
 ``file:line``. Parquet files (Sangraha) are read in record batches; a Hugging Face
 ``datasets`` split is read from a ``save_to_disk`` directory or, where the hub is reachable,
 by name in streaming mode. Every dropped record is counted by reason in a ``SourceStats``
-that ``tools/binarize.py`` writes into the dataset provenance.
+that :mod:`megadistill.data.binarize` writes into the dataset provenance.
 """
 
 from __future__ import annotations
