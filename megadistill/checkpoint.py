@@ -57,6 +57,11 @@ def resume(engine, ckpt_dir: str | Path) -> dict | None:
 def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, extra_files: dict[str, dict] | None = None) -> None:
     """Write ``model`` (gathered from ZeRO-3 shards) and ``tokenizer`` with ``save_pretrained``.
 
+    The directory reloads with the ``AutoModelFor*`` class of the model's family:
+    ``AutoModelForCausalLM`` for decoders, ``AutoModelForMaskedLM`` for BERT / RoBERTa / XLM-R /
+    DistilBERT students (``config.architectures`` names the class; tied embeddings and MLM head
+    biases are re-tied on load), and ``AutoTokenizer`` for the (trimmed) tokenizer.
+
     Every rank must call this (the gather is collective); rank 0 writes into a temporary
     directory and renames it to ``out_dir``, replacing an older export only when the new
     one is complete. ``extra_files`` maps file names to JSON-serializable dicts written

@@ -158,3 +158,87 @@ def test_feature_distiller_trains_student_toward_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="relation_heads"):
         FeatureDistiller(pairs, 16, 32, relation_weight=1.0)
+
+
+# ---- encoders (BERT / RoBERTa / DistilBERT): Q/K/V lookup through the adapter, bidirectional relations ----
+
+def tiny_encoder(family: str, layers: int = 3, width: int = 32, heads: int = 4, seed: int = 0):
+    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig,
+                              RobertaForMaskedLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * width, max_position_embeddings=40)
+    model = {
+        "bert": lambda: BertForMaskedLM(BertConfig(**common)),
+        "roberta": lambda: RobertaForMaskedLM(RobertaConfig(**common, pad_token_id=1)),
+        "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(vocab_size=64, dim=width, n_layers=layers,
+                                                                     n_heads=heads, hidden_dim=2 * width,
+                                                                     max_position_embeddings=40)),
+    }[family]()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_collect_features_on_encoders(family):
+    from megadistill.models.adapters import adapter_for
+
+    model = tiny_encoder(family)
+    use_eager_attention(model)
+    adapter = adapter_for(model)
+    ids = torch.randint(3, 64, (2, 9))
+    doc_ids = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    with torch.no_grad():
+        feats = collect_features(model, ids, attentions=True, qkv_layers=[1, 3], document_ids=doc_ids)
+        torch.testing.assert_close(feats["last_hidden"], adapter.final_hidden_states(model, ids, document_ids=doc_ids))
+        modules = adapter.qkv_modules(model, 2)
+        for n in "qkv":  # the captured projection is that module applied to block 3's input
+            torch.testing.assert_close(feats["qkv"][3][n], modules[n](feats["hidden_states"][2]))
+    assert len(feats["hidden_states"]) == 4 and feats["qkv"][1]["v"].shape == (2, 9, 32)
+    probs = feats["attentions"][0]
+    assert probs.shape == (2, 4, 9, 9) and float(probs[0, :, :4, 4:].abs().max()) == 0.0
+    assert float(probs[0, :, 0, 1:4].min()) > 0  # bidirectional: token 0 attends to later tokens of its document
+    assert all(len(m._forward_hooks) == 0 for layer in (0, 2) for m in adapter.qkv_modules(model, layer).values())
+    with pytest.raises(ValueError, match="not an encoder layer"):
+        collect_features(model, ids, qkv_layers=[4])
+
+
+def test_relation_kl_stays_inside_documents():
+    torch.manual_seed(0)
+    xs, xt = torch.randn(1, 8, 12), torch.randn(1, 8, 16)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    packed = relation_kl(xs, xt, 4, document_ids=doc_ids)
+    first, second = relation_kl(xs[:, :3], xt[:, :3], 4), relation_kl(xs[:, 3:], xt[:, 3:], 4)
+    torch.testing.assert_close(packed, (3 * first + 5 * second) / 8)
+    assert not torch.allclose(relation_kl(xs, xt, 4), packed)
+    causal = relation_kl(xs, xt, 4, causal=True, document_ids=doc_ids)
+    expected = (3 * relation_kl(xs[:, :3], xt[:, :3], 4, causal=True)
+                + 5 * relation_kl(xs[:, 3:], xt[:, 3:], 4, causal=True)) / 8
+    torch.testing.assert_close(causal, expected)
+
+
+def test_feature_distiller_trains_an_encoder_student_on_packed_windows():
+    from megadistill.models.adapters import adapter_for
+
+    teacher, student = tiny_encoder("bert", 4, 32, 4, seed=1), tiny_encoder("distilbert", 2, 16, 2, seed=2).train()
+    for model in (teacher, student):
+        use_eager_attention(model)
+    assert not adapter_for(student).causal
+    distiller = FeatureDistiller(feature_layer_pairs("uniform", 2, 4), 16, 32, attention_weight=1.0,
+                                 relation_weight=1.0, num_relation_heads=2, causal=adapter_for(student).causal)
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 4, [0] * 3 + [1] * 7])
+    with torch.no_grad():
+        t_feats = collect_features(teacher, ids, attentions=True, qkv_layers=distiller.qkv_layers_teacher,
+                                   document_ids=doc_ids)
+    opt = torch.optim.Adam(list(student.parameters()) + list(distiller.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        s_feats = collect_features(student, ids, attentions=True, qkv_layers=distiller.qkv_layers_student,
+                                   document_ids=doc_ids)
+        out = distiller(s_feats, t_feats)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]

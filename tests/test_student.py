@@ -207,3 +207,133 @@ def test_describe_parameters():
     ratio = info["student"]["non_embedding"] / info["teacher"]["non_embedding"]
     assert info["non_embedding_ratio"] == pytest.approx(ratio)
     assert 0 < info["total_ratio"] < 1
+
+
+# ---- encoders (BERT / RoBERTa / XLM-R / DistilBERT masked LMs) ----
+
+ENCODER_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+
+
+def tiny_encoder(family: str, **overrides):
+    """A 6-layer masked LM with random weights (pad 0 for BERT/DistilBERT, <s> 0 <pad> 1 </s> 2 for RoBERTa/XLM-R)."""
+    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig,
+                              RobertaForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM)
+
+    roberta_ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    build = {
+        "bert": lambda: BertForMaskedLM(BertConfig(**{**ENCODER_COMMON, **overrides})),
+        "roberta": lambda: RobertaForMaskedLM(RobertaConfig(**{**ENCODER_COMMON, **roberta_ids, **overrides})),
+        "xlmr": lambda: XLMRobertaForMaskedLM(XLMRobertaConfig(**{**ENCODER_COMMON, **roberta_ids, **overrides})),
+        "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(**{
+            **dict(vocab_size=VOCAB, dim=32, n_layers=6, n_heads=2, hidden_dim=64, max_position_embeddings=64),
+            **overrides})),
+    }[family]
+    return _randomized(build())
+
+
+ENCODERS = ["bert", "roberta", "xlmr", "distilbert"]
+
+
+def _encoder_map() -> VocabMap:
+    return VocabMap.from_token_ids(range(10, VOCAB, 3), VOCAB, always_keep=[0, 1, 2, 3, 4], unk_teacher_id=3)
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+@pytest.mark.parametrize("trim", [False, True])
+def test_encoder_student_copies_mapped_teacher_layers(family, trim):
+    from megadistill.models.adapters import adapter_for
+
+    teacher = _randomized(tiny_encoder(family, tie_word_embeddings=False)) if family == "bert" else tiny_encoder(family)
+    before = _snapshot(teacher)
+    adapter = adapter_for(teacher)
+    layer_map = parse_layer_map("every:2", 6)  # DistilBERT's one layer out of two: [1, 3, 5]
+    vmap = _encoder_map() if trim else None
+    student = build_student_from_teacher(teacher, layer_map, vmap)
+
+    assert type(student) is type(teacher) and adapter_for(student) is adapter
+    assert getattr(student.config, adapter.depth_field) == len(adapter.layers(student)) == 3
+    for j, i in enumerate(layer_map):
+        t_params = dict(adapter.layers(teacher)[i].named_parameters())
+        for name, p in adapter.layers(student)[j].named_parameters():
+            assert torch.equal(p, t_params[name]), (j, name)
+    rows = (lambda t: vmap.restrict_rows(t)) if trim else (lambda t: t)
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    vocab_keys = {n for n, p in teacher.named_parameters(remove_duplicate=False)
+                  if any(p is v for v in adapter.vocab_parameters(teacher))}
+    assert len(vocab_keys) >= 3
+    for key, tensor in s_state.items():
+        if not key.startswith(adapter.layers_prefix):
+            expected = rows(t_state[key]) if key in vocab_keys else t_state[key]
+            assert torch.equal(tensor, expected), key
+    assert torch.equal(adapter.output_bias(student), rows(adapter.output_bias(teacher)))
+    assert student.config.vocab_size == (len(vmap) if trim else VOCAB)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(s.data_ptr() != t.data_ptr() for s in student.parameters() for t in teacher.parameters())
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_full_encoder_student_reproduces_the_teacher(family):
+    """All layers, no trim: the same logits; all layers, trimmed: the teacher's logits on the kept ids."""
+    from megadistill.models.adapters import adapter_for
+
+    teacher = tiny_encoder(family)
+    adapter = adapter_for(teacher)
+    vmap = _encoder_map()
+    teacher_ids = torch.as_tensor(vmap.student_to_teacher[torch.randint(3, len(vmap), (2, 13))])
+    doc_ids = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
+    whole = build_student_from_teacher(teacher, list(range(6))).eval()
+    trimmed = build_student_from_teacher(teacher, list(range(6)), vmap).eval()
+    student_ids, dropped = vmap.remap(teacher_ids)
+    assert not dropped.any()
+    with torch.no_grad():
+        expected = teacher(teacher_ids).logits
+        torch.testing.assert_close(whole(teacher_ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(trimmed(student_ids).logits, expected[..., vmap.student_to_teacher])
+        t_hidden = adapter.final_hidden_states(teacher, teacher_ids, document_ids=doc_ids)
+        s_hidden = adapter.final_hidden_states(trimmed, student_ids, document_ids=doc_ids)
+    torch.testing.assert_close(s_hidden, t_hidden)
+    chunk_logits = s_hidden @ adapter.output_weight(trimmed).T + adapter.output_bias(trimmed)
+    teacher_logits = t_hidden @ adapter.output_weight(teacher).T + adapter.output_bias(teacher)
+    torch.testing.assert_close(chunk_logits, teacher_logits[..., vmap.student_to_teacher])
+
+
+def test_encoder_special_ids_remapped_and_roberta_pad_must_not_move():
+    vmap = VocabMap.from_token_ids([0, 1, 2, 3, 40, 77], VOCAB, unk_teacher_id=3)
+    bert = build_student_from_teacher(tiny_encoder("bert", pad_token_id=40), [0, 5], vmap)
+    assert bert.config.pad_token_id == 4 and bert.bert.embeddings.word_embeddings.padding_idx == 4
+    xlmr = build_student_from_teacher(tiny_encoder("xlmr"), [0, 5], vmap)
+    assert (xlmr.config.bos_token_id, xlmr.config.pad_token_id, xlmr.config.eos_token_id) == (0, 1, 2)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        build_student_from_teacher(tiny_encoder("xlmr"), [0], VocabMap([0, 2, 3], VOCAB, unk_teacher_id=3))
+    moved = VocabMap([1, 2, 3, 40], VOCAB, unk_teacher_id=3)  # pad 1 -> 0 would shift RoBERTa's position rows
+    with pytest.raises(ValueError, match="position"):
+        build_student_from_teacher(tiny_encoder("roberta", bos_token_id=None), [0], moved)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gemma3"])
+def test_random_student_is_seeded_fresh_and_shaped_like_the_template(family):
+    from megadistill.models.student import build_random_student
+
+    teacher = tiny_gemma3() if family == "gemma3" else tiny_encoder(family)
+    layer_map = [1, 4] if family == "gemma3" else [0, 5]
+    vmap = trim_map() if family == "gemma3" else _encoder_map()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_random_student(teacher, seed=7, layer_map=layer_map, vocab_map=vmap)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream is untouched
+    b = build_random_student(teacher, seed=7, layer_map=layer_map, vocab_map=vmap)
+    c = build_random_student(teacher.config, seed=8, layer_map=layer_map, vocab_map=vmap)
+    assert type(a) is type(b) is type(c) is type(teacher)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.get_input_embeddings().weight, c.get_input_embeddings().weight)
+    assert a.get_input_embeddings().weight.shape[0] == len(vmap) == a.config.vocab_size
+    copied = build_student_from_teacher(teacher, layer_map, vmap)
+    assert a.state_dict().keys() == copied.state_dict().keys()
+    assert not torch.equal(a.get_input_embeddings().weight, copied.get_input_embeddings().weight)
+    if family == "gemma3":
+        assert a.config.layer_types == [LAYER_TYPES[1], LAYER_TYPES[4]]
+    assert a.training and all(p.requires_grad for p in a.parameters())

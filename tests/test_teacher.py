@@ -88,12 +88,45 @@ def test_resolve_teacher_missing_path(tmp_path):
         load_teacher(tmp_path / "nope.gguf")
 
 
-def test_masked_lm_teacher_rejected(tmp_path, gemma_dir):
-    from transformers import BertConfig, BertForMaskedLM
+def tiny_masked_lm(kind: str, vocab_size: int):
+    """A 2-layer BERT / XLM-R / DistilBERT masked LM with random weights."""
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    build = {
+        "bert": lambda: BertForMaskedLM(BertConfig(**common)),
+        "xlmr": lambda: XLMRobertaForMaskedLM(XLMRobertaConfig(**common, pad_token_id=0, bos_token_id=2, eos_token_id=1)),
+        "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2,
+                                                                     n_heads=2, hidden_dim=64, max_position_embeddings=64)),
+    }[kind]
+    return _randomized(build())
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr", "distilbert"])
+def test_masked_lm_teacher_loads_frozen_with_its_head(kind, tmp_path, tiny_tokenizer):
+    reference = tiny_masked_lm(kind, len(tiny_tokenizer))
+    reference.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_teacher(tmp_path)
+    assert type(model) is type(reference)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([tokenizer("नमस्ते दुनिया, hello world")["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=0)
+        hidden = final_hidden_states(model, ids)
+    head = model.get_output_embeddings()
+    torch.testing.assert_close(hidden @ head.weight.T + head.bias, logits)
+
+
+def test_unsupported_teacher_architectures_rejected(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    BertForMaskedLM(config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="masked-LM teachers arrive with the stages issue"):
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="BertForSequenceClassification.*not supported.*ForCausalLM.*XLMRobertaForMaskedLM"):
         load_teacher(tmp_path)
 
 

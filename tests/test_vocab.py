@@ -224,3 +224,147 @@ def test_trim_wordpiece_and_unigram(build, hindi, tmp_path):
     assert reloaded(half[0])["input_ids"] == trimmed(half[0])["input_ids"]
     for text in hindi[150:200]:
         assert max(trimmed(text)["input_ids"]) < len(vmap)
+
+
+# ---- WordPiece (mBERT-like) and Unigram (XLM-R-like) trimming: exact on the corpus ----
+
+def _bert_tokenizer(texts: list[str], directory, vocab_size: int = 3000, limit_alphabet: int = 100):
+    """A cased mBERT-like ``BertTokenizerFast`` from a ``vocab.txt`` trained on ``texts``.
+
+    ``limit_alphabet`` leaves rare characters out, so some corpus words become ``[UNK]``.
+    """
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                             limit_alphabet=limit_alphabet))
+    vocab = sorted(tok.get_vocab().items(), key=lambda item: item[1])
+    path = directory / "vocab.txt"
+    path.write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+    return BertTokenizerFast(vocab=str(path), do_lower_case=False)
+
+
+def _xlmr_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    """An XLM-R-like Unigram tokenizer: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4, ``<s> $A </s>``."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                           unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+
+
+def _remapped(teacher, vmap: VocabMap, text: str) -> list[int]:
+    student_ids, dropped = vmap.remap(torch.tensor(teacher(text)["input_ids"]))
+    assert not dropped.any(), text
+    return student_ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def multilingual(sib200_dir):
+    """Hindi train text plus Bengali and Marathi dev text (characters the tokenizers have not all seen)."""
+    return (read_sib200_texts(sib200_dir, "hin_Deva") + read_sib200_texts(sib200_dir, "ben_Beng", "dev")[:40]
+            + read_sib200_texts(sib200_dir, "mar_Deva", "dev")[:40])
+
+
+def test_wordpiece_trim_is_exact_on_the_corpus(tmp_path, hindi, multilingual):
+    from megadistill.models.vocab import wordpiece_unk_paths
+
+    teacher = _bert_tokenizer(hindi, tmp_path)
+    corpus = multilingual[600:]
+    docs = [np.asarray(ids) for ids in teacher(corpus)["input_ids"]]
+    assert sum(int((d == teacher.unk_token_id).sum()) for d in docs) > 0  # the corpus has [UNK] words
+    assert wordpiece_unk_paths(teacher, corpus)  # ... some of them after matching a few pieces
+    vmap = vocab_map_from_corpus([docs], teacher, texts=corpus)
+    assert len(vmap) < 0.7 * len(teacher)
+    trimmed = trim_tokenizer(teacher, vmap)
+    for text in corpus:
+        assert trimmed(text)["input_ids"] == _remapped(teacher, vmap, text), text
+    assert trimmed.model_input_names == teacher.model_input_names and "token_type_ids" in trimmed(corpus[0])
+    trimmed.save_pretrained(tmp_path / "trimmed")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "trimmed")
+    for text in corpus[:50]:
+        assert reloaded(text)["input_ids"] == trimmed(text)["input_ids"]
+    assert (reloaded.cls_token, reloaded.sep_token, reloaded.mask_token) == ("[CLS]", "[SEP]", "[MASK]")
+    assert reloaded.mask_token_id == int(vmap.teacher_to_student[teacher.mask_token_id])
+
+
+def test_wordpiece_char_fallback_keeps_new_words_out_of_unk(tmp_path, hindi, sib200_dir):
+    teacher = _bert_tokenizer(hindi, tmp_path, limit_alphabet=1000)
+    corpus, unseen = hindi[:100], read_sib200_texts(sib200_dir, "hin_Deva", "test")
+    docs = [np.asarray(ids) for ids in teacher(corpus)["input_ids"]]
+    bare_map = vocab_map_from_corpus([docs], teacher, texts=corpus, char_fallback=False)
+    with_chars = trim_tokenizer(teacher, vocab_map_from_corpus([docs], teacher, texts=corpus))
+    bare = trim_tokenizer(teacher, bare_map)
+    unk_rate = lambda tok: np.mean([i == tok.unk_token_id for t in unseen for i in tok(t)["input_ids"]])  # noqa: E731
+    assert len(bare) < len(with_chars) and unk_rate(with_chars) < 0.5 * unk_rate(bare)
+    for text in corpus:  # the bare map is exact on the corpus too: the character pieces are an extra
+        assert bare(text)["input_ids"] == _remapped(teacher, bare_map, text)
+
+
+def test_wordpiece_unk_words_need_their_greedy_walk():
+    """Teacher: "abcd" -> abc + (no ##d) -> [UNK]. Without "abc", greedy takes ab + ##cd and succeeds."""
+    from transformers import BertTokenizerFast
+
+    from megadistill.models.vocab import wordpiece_unk_paths
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "ab", "abc", "##cd", "x", "z"])}
+    teacher = BertTokenizerFast(vocab=vocab, do_lower_case=False)
+    corpus = ["abcd", "ab", "xcd"]
+    assert teacher("abcd")["input_ids"] == [2, 1, 3]
+    docs = [np.asarray(ids) for ids in teacher(corpus)["input_ids"]]
+    assert wordpiece_unk_paths(teacher, corpus) == {"abc"}
+    without_text = vocab_map_from_corpus([docs], teacher, char_fallback=False)
+    assert trim_tokenizer(teacher, without_text)("abcd")["input_ids"] != _remapped(teacher, without_text, "abcd")
+    with_text = vocab_map_from_corpus([docs], teacher, texts=corpus, char_fallback=False)
+    trimmed = trim_tokenizer(teacher, with_text)
+    for text in corpus:
+        assert trimmed(text)["input_ids"] == _remapped(teacher, with_text, text)
+    assert 9 not in with_text.student_to_teacher  # "z" was never needed
+
+
+def test_unigram_trim_is_exact_on_the_corpus(tmp_path, hindi, multilingual):
+    teacher = _xlmr_tokenizer(hindi)
+    corpus = multilingual[600:]
+    docs = [np.asarray(ids) for ids in teacher(corpus)["input_ids"]]
+    assert sum(int((d == teacher.unk_token_id).sum()) for d in docs) > 0  # Bengali has no pieces: <unk>
+    vmap = vocab_map_from_corpus([docs], teacher)
+    assert vmap.student_to_teacher[-1] >= len(vmap) and len(vmap) < 0.7 * len(teacher)
+    trimmed = trim_tokenizer(teacher, vmap)
+    for text in corpus:
+        assert trimmed(text)["input_ids"] == _remapped(teacher, vmap, text), text
+    bare = vocab_map_from_corpus([docs], teacher, char_fallback=False)
+    assert len(bare) < len(vmap)
+    for text in corpus:
+        assert trim_tokenizer(teacher, bare)(text)["input_ids"] == _remapped(teacher, bare, text), text
+    assert trimmed.mask_token_id == int(vmap.teacher_to_student[teacher.mask_token_id])
+
+
+def test_unigram_trim_keeps_the_lowest_score_piece():
+    """Dropping the lowest-score piece raises the unknown-piece score until an <unk> path beats the teacher's."""
+    from megadistill.models.vocab import unigram_min_score_token
+
+    pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁ab", -15.0), ("c", -15.0), ("▁", -1.0),
+              ("a", -100.0), ("bc", -1.0), ("d", -1.0), ("e", -1.0), ("b", -50.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    teacher = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    corpus = ["abc", "d", "ebc"]
+    assert teacher.convert_ids_to_tokens(teacher("abc")["input_ids"]) == ["▁ab", "c"]
+    docs = [np.asarray(ids) for ids in teacher(corpus)["input_ids"]]
+    assert unigram_min_score_token(json.loads(tok.to_str())) == "a"
+    seen = np.unique(np.concatenate(docs + [np.arange(4)]))
+    naive = VocabMap(seen, len(teacher), unk_teacher_id=3)
+    assert trim_tokenizer(teacher, naive)("abc")["input_ids"] != _remapped(teacher, naive, "abc")  # ▁ <unk> bc
+    vmap = vocab_map_from_corpus([docs], teacher, char_fallback=False)
+    assert 7 in vmap.student_to_teacher and 11 not in vmap.student_to_teacher
+    trimmed = trim_tokenizer(teacher, vmap)
+    for text in corpus:
+        assert trimmed(text)["input_ids"] == _remapped(teacher, vmap, text)

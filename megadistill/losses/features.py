@@ -11,9 +11,11 @@
   ``r`` = the attention head count.
 
 Layer indices follow Hugging Face ``hidden_states`` tuples: 0 is the embedding output and
-``i`` the output of decoder layer ``i`` (1-based); in transformers 5 the last entry is the
-final *normalized* hidden state (what the LM head reads), on both models alike. Layer ``i``'s
-attention map is ``attentions[i - 1]``. Plain PyTorch; no DeepSpeed import.
+``i`` the output of block ``i`` (1-based); in transformers 5 a decoder's last entry is the
+final *normalized* hidden state (what the LM head reads), an encoder's the last block output
+(the MLM head's transform comes after it). Layer ``i``'s attention map is ``attentions[i - 1]``.
+Model layouts (decoders, BERT / RoBERTa / XLM-R / DistilBERT encoders) come from
+:mod:`megadistill.models.adapters`. Plain PyTorch; no DeepSpeed import.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from megadistill.models.adapters import adapter_for
 
 __all__ = ["FeatureDistiller", "FeatureProjector", "attention_kl", "collect_features", "feature_layer_pairs",
            "hidden_state_loss", "relation_kl", "use_eager_attention"]
@@ -162,14 +166,17 @@ def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask:
 
 
 def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, num_relation_heads: int,
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, causal: bool = False,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """MiniLM v2 self-attention relation KL between student and teacher projections.
 
     Args:
         student_x: ``[B, L, Ds]`` (a layer's Q, K or V); teacher_x: ``[B, L, Dt]``.
         num_relation_heads: ``r``; both widths must divide by it.
         mask: ``[B, L]`` bool valid positions (keys outside are masked, queries outside ignored).
-        causal: also mask future keys (decoders).
+        causal: also mask future keys (decoders; False for bidirectional encoders).
+        document_ids: ``[B, L]`` int64 document of each token of a packed window: keys of other
+            documents are masked, as the models' own attention does.
 
     Returns:
         fp32 scalar: KL(teacher relation || student relation), mean over heads and valid rows.
@@ -177,12 +184,12 @@ def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, num_relation_h
     Raises:
         ValueError: a width not divisible by ``num_relation_heads``.
     """
-    log_s = _relation_log_probs(student_x.float(), num_relation_heads, mask, causal)
-    log_t = _relation_log_probs(teacher_x.detach().float(), num_relation_heads, mask, causal)
+    log_s = _relation_log_probs(student_x.float(), num_relation_heads, mask, causal, document_ids)
+    log_t = _relation_log_probs(teacher_x.detach().float(), num_relation_heads, mask, causal, document_ids)
     return _masked_mean(_kl_rows(log_t, log_s).transpose(1, 2), mask)
 
 
-def _relation_log_probs(x: torch.Tensor, heads: int, mask, causal: bool) -> torch.Tensor:
+def _relation_log_probs(x: torch.Tensor, heads: int, mask, causal: bool, document_ids=None) -> torch.Tensor:
     """``log softmax(x_h x_h^T / sqrt(d_h))`` per relation head: ``[B, r, L, L]``."""
     b, length, width = x.shape
     if heads < 1 or width % heads:
@@ -195,6 +202,8 @@ def _relation_log_probs(x: torch.Tensor, heads: int, mask, causal: bool) -> torc
     allowed = allowed.expand(b, 1, length, length)
     if mask is not None:
         allowed = allowed & mask[:, None, None, :].bool()
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     return torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
@@ -207,62 +216,69 @@ def use_eager_attention(model) -> None:
     model.set_attn_implementation("eager")
 
 
-def _attention_modules(model, layers: Sequence[int]) -> dict[int, torch.nn.Module]:
-    """``self_attn`` of decoder layer ``i`` (1-based) for each requested layer.
+def _qkv_modules(model, layers: Sequence[int]) -> dict[int, dict[str, torch.nn.Module]]:
+    """Q/K/V projection modules of block ``i`` (1-based) for each requested layer, from the family adapter.
 
     Raises:
-        ValueError: the model has no ``layers[i - 1].self_attn.{q,k,v}_proj``.
+        ValueError: a layer outside the model, or a block without Q/K/V projections.
     """
-    decoder_layers = getattr(model.get_decoder(), "layers", None)
+    adapter = adapter_for(model)
     found = {}
     for i in layers:
-        if decoder_layers is None or not 1 <= i <= len(decoder_layers):
-            raise ValueError(f"relation layer {i} is not a decoder layer of {type(model).__name__}")
-        attn = getattr(decoder_layers[i - 1], "self_attn", None)
-        if attn is None or not all(hasattr(attn, f"{n}_proj") for n in "qkv"):
-            raise ValueError(f"{type(model).__name__} layer {i} has no self_attn.q_proj/k_proj/v_proj to take relations from")
-        found[i] = attn
+        try:
+            found[i] = adapter.qkv_modules(model, i - 1)
+        except ValueError as err:
+            raise ValueError(f"relation {err}") from None
     return found
 
 
 def collect_features(model, input_ids: torch.Tensor, *, attentions: bool = False, qkv_layers: Sequence[int] = (),
-                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> dict:
-    """One decoder forward returning every feature the matching losses can use.
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     document_ids: torch.Tensor | None = None) -> dict:
+    """One forward of the model's body returning every feature the matching losses can use.
 
     Args:
-        model: a HF causal LM (Llama / Qwen2 / Gemma 3 layout).
+        model: a HF causal LM (Llama / Qwen2 / Gemma 3 layout) or masked LM (BERT / RoBERTa / XLM-R /
+            DistilBERT), see :func:`megadistill.models.adapters.adapter_for`.
         input_ids: ``[B, L]`` int64.
         attentions: also return attention probabilities (needs :func:`use_eager_attention`).
-        qkv_layers: decoder layers (1-based) whose Q/K/V projection outputs to capture.
+        qkv_layers: blocks (1-based) whose Q/K/V projection outputs to capture (decoders ``q/k/v_proj``,
+            BERT / RoBERTa ``query/key/value``, DistilBERT ``q/k/v_lin``).
         attention_mask: optional ``[B, L]`` padding mask.
         position_ids: optional ``[B, L]`` int64, restarting at each document of a packed window
-            (the model then keeps attention inside documents, see :mod:`megadistill.data.packing`).
+            (decoders then keep attention inside documents, see :mod:`megadistill.data.packing`).
+        document_ids: optional ``[B, L]`` int64 document of each token; encoders get a block-diagonal mask.
 
     Returns:
-        ``last_hidden`` ``[B, L, H]`` (final normed state, what the LM head reads),
-        ``hidden_states`` (tuple of ``L + 1`` ``[B, L, H]``), ``attentions`` (tuple of
-        ``[B, heads, L, L]`` or None), ``qkv`` ``{layer: {"q"|"k"|"v": [B, L, D]}}``.
+        ``last_hidden`` ``[B, L, H]`` (what the output projection reads: the final normed state of a
+        decoder, the MLM transform of an encoder), ``hidden_states`` (tuple of ``num_layers + 1``
+        ``[B, L, H]`` block outputs), ``attentions`` (tuple of ``[B, heads, L, L]`` or None),
+        ``qkv`` ``{layer: {"q"|"k"|"v": [B, L, D]}}``, ``document_ids`` (as given, so relations
+        stay inside documents).
 
     Raises:
-        ValueError: attentions requested but not returned (not eager), or no Q/K/V modules.
+        ValueError: attentions requested but not returned (not eager), no Q/K/V modules, or an
+            unsupported architecture.
     """
+    adapter = adapter_for(model)
     captured: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
-    for layer, attn in _attention_modules(model, qkv_layers).items():
+    for layer, modules in _qkv_modules(model, qkv_layers).items():
         captured[layer] = {}
-        for name in "qkv":
+        for name, module in modules.items():
             hook = (lambda store, key: lambda _m, _i, out: store.__setitem__(key, out))(captured[layer], name)
-            handles.append(getattr(attn, f"{name}_proj").register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask}
     try:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                                  output_hidden_states=True, output_attentions=attentions)
+        out = adapter.body_outputs(model, input_ids, document_ids=document_ids, position_ids=position_ids,
+                                   output_hidden_states=True, output_attentions=attentions, **extra)
     finally:
         for handle in handles:
             handle.remove()
     if attentions and not out.attentions:
         raise ValueError(f"{type(model).__name__} returned no attention maps: call use_eager_attention(model) first")
-    return {"last_hidden": out.last_hidden_state, "hidden_states": out.hidden_states,
-            "attentions": out.attentions if attentions else None, "qkv": captured}
+    return {"last_hidden": adapter.head_input(model, out.last_hidden_state), "hidden_states": out.hidden_states,
+            "attentions": out.attentions if attentions else None, "qkv": captured, "document_ids": document_ids}
 
 
 class FeatureDistiller(torch.nn.Module):
@@ -275,13 +291,14 @@ class FeatureDistiller(torch.nn.Module):
         hidden_kind: ``mse`` or ``cosine``.
         relations: which of ``q``, ``k``, ``v`` relations to match (MiniLM v2: all three).
         num_relation_heads: relation heads ``r`` (required when ``relation_weight > 0``).
-        causal: mask future keys in relations (decoders).
+        causal: mask future keys in relations (decoders: True; encoders: False, ``adapter.causal``).
         project: ``auto`` or ``always`` (:class:`FeatureProjector`).
 
     ``forward(student_feats, teacher_feats, mask=None)`` takes two :func:`collect_features`
-    dicts and returns ``loss`` (differentiable fp32 scalar, already weighted) and the
-    detached, *weighted* fp32 terms ``hidden``, ``attention``, ``relation`` (they sum to the
-    loss). Attention and relation terms use pairs with both indices >= 1.
+    dicts (relations stay inside the documents of the student's ``document_ids``) and returns
+    ``loss`` (differentiable fp32 scalar, already weighted) and the detached, *weighted* fp32
+    terms ``hidden``, ``attention``, ``relation`` (they sum to the loss). Attention and relation
+    terms use pairs with both indices >= 1.
 
     Raises:
         ValueError: relations requested without ``num_relation_heads``, or no usable pair.
@@ -330,7 +347,8 @@ class FeatureDistiller(torch.nn.Module):
                 for s, t in self.layer_pairs]).mean()
         if self.weights[2] > 0:
             terms["relation"] = self.weights[2] * torch.stack([
-                relation_kl(student_feats["qkv"][s][n], teacher_feats["qkv"][t][n], self.num_relation_heads, mask, self.causal)
+                relation_kl(student_feats["qkv"][s][n], teacher_feats["qkv"][t][n], self.num_relation_heads, mask,
+                            self.causal, student_feats.get("document_ids"))
                 for s, t in self.layer_pairs for n in self.relations]).mean()
         loss = terms["hidden"] + terms["attention"] + terms["relation"]
         return {"loss": loss, **{k: v.detach().float() for k, v in terms.items()}}

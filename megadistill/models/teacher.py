@@ -1,4 +1,4 @@
-"""Load a frozen teacher language model and its tokenizer from a local checkpoint or a GGUF file.
+"""Load a frozen teacher (causal LM or masked-LM encoder) and its tokenizer from a local checkpoint or a GGUF file.
 
 A teacher spec is one of:
 
@@ -27,8 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from megadistill.models.adapters import adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +183,11 @@ def load_tokenizer(spec: str | Path, cache_dir: str | Path | None = None) -> Pre
 def load_teacher(
     spec: str | Path, *, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen causal-LM teacher and its tokenizer.
+    """Load a frozen teacher (causal LM or masked-LM encoder) and its tokenizer.
+
+    Causal LMs (``*ForCausalLM``) load with ``AutoModelForCausalLM``; BERT, RoBERTa, XLM-R and
+    DistilBERT masked LMs (mBERT, MuRIL, IndicBERT v2, XLM-R; ``*ForMaskedLM``) with
+    ``AutoModelForMaskedLM``, so the MLM head (transform + biased decoder) comes with them.
 
     Args:
         spec: see ``resolve_teacher``.
@@ -192,13 +199,14 @@ def load_teacher(
         on every parameter.
 
     Raises:
-        FileNotFoundError, ValueError: as ``resolve_teacher``; ValueError also for masked-LM or
-        other non-causal checkpoints.
+        FileNotFoundError, ValueError: as ``resolve_teacher``; ValueError also for an architecture
+        no adapter supports (the message names the supported ones).
     """
     path = resolve_teacher(spec, cache_dir)
-    _check_causal_lm(AutoConfig.from_pretrained(path), path)
+    auto_class = _auto_class(AutoConfig.from_pretrained(path), path)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = auto_class.from_pretrained(path, dtype=dtype)
+    adapter_for(model)  # the loaded class must have an adapter too (e.g. not a BertForPreTraining)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -221,17 +229,18 @@ def load_teacher_once(spec: str | Path, cache_dir: str | Path | None = None):
     return load_teacher(spec, cache_dir=cache_dir)
 
 
-def _check_causal_lm(config: PretrainedConfig, path: Path) -> None:
-    architectures = config.architectures or []
-    if any(name.endswith("ForMaskedLM") for name in architectures):
-        raise ValueError(
-            f"teacher {path} is a masked LM ({', '.join(architectures)}): masked-LM teachers arrive with the "
-            "stages issue; use a causal LM teacher for now"
-        )
-    if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
-        raise ValueError(
-            f"teacher {path} has architectures {architectures}; only causal LMs (*ForCausalLM) are supported"
-        )
+def _auto_class(config: PretrainedConfig, path: Path):
+    """``AutoModelForMaskedLM`` for an encoder family, ``AutoModelForCausalLM`` for a decoder.
+
+    A config without ``architectures`` (and no encoder ``model_type``) loads as a causal LM, as before.
+    """
+    try:
+        family = adapter_for(config).family
+    except ValueError as err:
+        if config.architectures:
+            raise ValueError(f"teacher {path}: {err}") from None
+        family = "decoder"
+    return AutoModelForMaskedLM if family == "encoder" else AutoModelForCausalLM
 
 
 def _log_vocab_sizes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -271,20 +280,27 @@ def final_hidden_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the decoder stack and return the final (normed) hidden states the LM head consumes.
+    """The hidden states the output projection reads (:meth:`ModelAdapter.final_hidden_states` of the model's family).
 
-    ``model(input_ids).logits == softcap(hidden @ lm_head.weight.T)``, which lets losses compute
-    logits in token chunks instead of materializing ``[B, T, V]`` for teacher and student.
+    Decoders: the final normed hidden state, ``model(input_ids).logits == softcap(hidden @ W.T)``.
+    Encoders: the MLM transform of the last layer, ``logits == hidden @ W.T + b``. Either way losses
+    can compute logits in token chunks instead of materializing ``[B, T, V]`` for both models.
 
     Args:
         input_ids: ``LongTensor[B, T]``.
-        attention_mask: ``[B, T]`` padding mask or a 4-D ``[B, 1, T, T]`` mask, optional.
+        attention_mask: ``[B, T]`` padding mask (or, without ``document_ids``, a 4-D ``[B, 1, T, T]`` mask), optional.
         position_ids: ``LongTensor[B, T]``, optional (reset per document when packing).
+        document_ids: ``LongTensor[B, T]`` document of each token of a packed window, optional; encoders
+            then get a block-diagonal mask (decoders keep documents apart from the position ids).
 
     Returns:
         ``Tensor[B, T, H]`` in the model's dtype. Gradients flow unless the caller disables them.
+
+    Raises:
+        ValueError: an unsupported architecture (see :func:`megadistill.models.adapters.adapter_for`).
     """
-    decoder = model.get_decoder()
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return outputs.last_hidden_state
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    return adapter_for(model).final_hidden_states(model, input_ids, document_ids=document_ids,
+                                                  position_ids=position_ids, **kwargs)

@@ -2,9 +2,20 @@
 
 Following "Load What You Need" (Abdaoui et al., 2020), a multilingual teacher's 250k+ vocabulary
 is cut to the ids that occur in the target-language corpus plus the ids needed to tokenize any
-text: special tokens, byte-fallback tokens, and the intermediate tokens of BPE merges. Token ids
-on disk stay teacher ids; a ``VocabMap`` remaps them to student ids (the kept teacher ids in
-ascending order, so low-id special tokens come first) and restricts embedding / head rows.
+text: special tokens, byte-fallback tokens, single-character pieces, and what each tokenizer
+model needs to reproduce the teacher's tokenization of the corpus exactly:
+
+* BPE (Gemma, Llama): the intermediate tokens of merges (:func:`close_over_merges`).
+* WordPiece (mBERT, MuRIL, IndicBERT v2): greedy longest-match-first picks the same piece from
+  any sub-vocabulary that still holds it, so the corpus pieces suffice for every word the teacher
+  tokenized; a word the teacher turned into ``[UNK]`` also needs the pieces its greedy walk
+  matched before failing, which only the text shows (:func:`wordpiece_unk_paths`).
+* Unigram (XLM-R SentencePiece): the Viterbi path of the teacher stays optimal among the paths
+  of a sub-vocabulary that holds it, provided the unknown-piece score (lowest piece score - 10)
+  does not rise, so the lowest-scoring piece is kept too (:func:`unigram_min_score_token`).
+
+Token ids on disk stay teacher ids; a ``VocabMap`` remaps them to student ids (the kept teacher
+ids in ascending order, so low-id special tokens come first) and restricts embedding / head rows.
 """
 
 from __future__ import annotations
@@ -220,20 +231,28 @@ def _check_range(ids: torch.Tensor, size: int, kind: str) -> None:
 
 
 def kept_ids_from_corpus(
-    datasets: Iterable, tokenizer: PreTrainedTokenizerBase, extra_ids: Iterable[int] = ()
+    datasets: Iterable, tokenizer: PreTrainedTokenizerBase, extra_ids: Iterable[int] = (), *,
+    texts: Iterable[str] | None = None, char_fallback: bool = True,
 ) -> np.ndarray:
     """The teacher ids a trimmed vocabulary must keep for a corpus.
 
     The union of: ids occurring in the documents; ``tokenizer.all_special_ids``; the byte-fallback
     tokens ``<0x00>..<0xFF>`` and byte-level alphabet when the vocabulary has them (so unseen text
-    still tokenizes without ``<unk>``); ``extra_ids``; and, for BPE, the merge intermediates from
-    ``close_over_merges`` that make the trimmed tokenizer reproduce the teacher's tokenization.
+    still tokenizes without ``<unk>``); ``extra_ids``; and what keeps the trimmed tokenizer equal
+    to the teacher's on the corpus (module docstring): BPE merge intermediates, the lowest-score
+    Unigram piece, and for WordPiece with ``texts`` the greedy paths of words the teacher maps to
+    ``[UNK]``. With ``char_fallback`` (WordPiece, Unigram), the single-character pieces (and
+    ``##c`` continuations) of every character in a kept piece are kept too, so new words in the
+    corpus's scripts do not become ``[UNK]``; adding pieces never breaks the exactness.
 
     Args:
         datasets: iterable of datasets, each an iterable (or ``len`` + ``[]`` indexable sequence)
             of 1-D integer arrays of teacher ids, e.g. ``megadistill.data.indexed.IndexedDataset``.
         tokenizer: the teacher tokenizer the documents were tokenized with.
         extra_ids: further teacher ids to keep (e.g. chat-template tokens).
+        texts: the corpus text (WordPiece only; without it, exactness holds for every word the
+            teacher tokenized without ``[UNK]``).
+        char_fallback: keep single-character pieces (WordPiece, Unigram).
 
     Returns:
         ``int64 ndarray`` of sorted unique teacher ids.
@@ -252,19 +271,117 @@ def kept_ids_from_corpus(
     seen[[i for i in tokenizer.all_special_ids if i is not None]] = True
     seen[[vocab[t] for t in _fallback_tokens(tokenizer_json) if t in vocab]] = True
     seen[_id_array(extra_ids)] = True
-    if tokenizer_json["model"]["type"] == "BPE":
-        id_to_token = {i: t for t, i in vocab.items()}
-        closed = close_over_merges(tokenizer_json, [id_to_token[i] for i in np.flatnonzero(seen)])
-        seen[[vocab[t] for t in closed]] = True
-    kept = np.flatnonzero(seen).astype(np.int64)
-    logger.info("kept %d of %d teacher ids (%d seen in the corpus)", kept.size, vocab_size, from_data)
-    return kept
+    id_to_token = {i: t for t, i in vocab.items()}
+    kept = {id_to_token[i] for i in np.flatnonzero(seen)}
+    seen[[vocab[t] for t in _closure_tokens(tokenizer, tokenizer_json, kept, texts, char_fallback)]] = True
+    kept_ids = np.flatnonzero(seen).astype(np.int64)
+    logger.info("kept %d of %d teacher ids (%d seen in the corpus)", kept_ids.size, vocab_size, from_data)
+    return kept_ids
+
+
+def _closure_tokens(tokenizer, tokenizer_json: dict, kept: set[str], texts, char_fallback: bool) -> set[str]:
+    """Token strings (of the vocabulary) to add to ``kept`` for the tokenizer model's exactness guarantee."""
+    kind = tokenizer_json["model"]["type"]
+    if kind == "BPE":
+        return close_over_merges(tokenizer_json, kept)
+    added = set()
+    if kind == "WordPiece" and texts is not None:
+        added |= wordpiece_unk_paths(tokenizer, texts)
+    if kind == "Unigram" and tokenizer_json["model"]["vocab"]:
+        added.add(unigram_min_score_token(tokenizer_json))
+    if char_fallback and kind in ("WordPiece", "Unigram"):
+        added |= char_fallback_tokens(tokenizer_json, kept | added)
+    return added
+
+
+def char_fallback_tokens(tokenizer_json: dict, token_strings: Iterable[str]) -> set[str]:
+    """Single-character pieces of every character in ``token_strings``, as the vocabulary has them.
+
+    WordPiece: ``c`` and ``##c`` (word-initial and continuation); Unigram: ``c``. Special and
+    added tokens (``[CLS]``, ``<s>``) are not split into characters.
+    """
+    model = tokenizer_json["model"]
+    vocab = _model_vocab(model)
+    specials = {a["content"] for a in tokenizer_json.get("added_tokens", [])}
+    prefix = (model.get("continuing_subword_prefix") or "") if model["type"] == "WordPiece" else ""
+    chars = set()
+    for token in token_strings:
+        if token not in specials:
+            chars.update(token[len(prefix):] if prefix and token.startswith(prefix) else token)
+    candidates = chars | ({prefix + c for c in chars} if prefix else set())
+    return {t for t in candidates if t in vocab}
+
+
+def wordpiece_unk_paths(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> set[str]:
+    """Pieces greedy longest-match-first matches in words it then maps to ``[UNK]``.
+
+    WordPiece turns a whole word into ``[UNK]`` when, at some position, no piece matches. A
+    sub-vocabulary without the pieces matched before that position could take a shorter piece
+    there and then succeed, producing ids the teacher never produced; keeping them forces the
+    same walk and the same failure.
+
+    Args:
+        tokenizer: a fast tokenizer whose model is WordPiece.
+        texts: the corpus text (normalized and pre-tokenized as the tokenizer does).
+
+    Returns:
+        Token strings (possibly empty).
+    """
+    backend = tokenizer.backend_tokenizer
+    model = json.loads(backend.to_str())["model"]
+    unk = model["unk_token"]
+    words = set()
+    for text in texts:
+        normalized = backend.normalizer.normalize_str(text) if backend.normalizer else text
+        pieces = backend.pre_tokenizer.pre_tokenize_str(normalized) if backend.pre_tokenizer else [(normalized, None)]
+        words.update(word for word, _ in pieces)
+    needed = set()
+    for word in words:
+        # Only [UNK] words need it; the Rust tokenize call filters them cheaply.
+        if [t.value for t in backend.model.tokenize(word)] == [unk]:
+            needed |= _greedy_walk_before_failure(word, model)
+    return needed
+
+
+def _greedy_walk_before_failure(word: str, model: dict) -> set[str]:
+    """The pieces WordPiece matches in ``word`` before no piece matches (empty when it succeeds or is too long)."""
+    vocab, prefix = model["vocab"], model.get("continuing_subword_prefix") or ""
+    if len(word) > model.get("max_input_chars_per_word", 100):
+        return set()  # [UNK] without any matching: nothing to keep
+    walk, start = [], 0
+    while start < len(word):
+        end = len(word)
+        while end > start and (prefix if start else "") + word[start:end] not in vocab:
+            end -= 1
+        if end == start:
+            return set(walk)
+        walk.append((prefix if start else "") + word[start:end])
+        start = end
+    return set()
+
+
+def unigram_min_score_token(tokenizer_json: dict) -> str:
+    """The lowest-scoring piece of a Unigram model (ties: the first).
+
+    The unknown-piece score is ``min(score) - 10`` over the model's pieces (``tokenizers`` and
+    SentencePiece alike); keeping this piece keeps that score, so an unknown node replacing a
+    dropped single-character piece always scores below it and no new path can win.
+    """
+    pieces = tokenizer_json["model"]["vocab"]
+    return min(pieces, key=lambda piece: piece[1])[0]
+
+
+def _model_vocab(model: dict) -> set[str]:
+    vocab = model["vocab"]
+    return {p[0] for p in vocab} if model["type"] == "Unigram" else set(vocab)
 
 
 def vocab_map_from_corpus(
-    datasets: Iterable, tokenizer: PreTrainedTokenizerBase, extra_ids: Iterable[int] = ()
+    datasets: Iterable, tokenizer: PreTrainedTokenizerBase, extra_ids: Iterable[int] = (), **closure
 ) -> VocabMap:
     """``VocabMap`` over ``kept_ids_from_corpus``, with ``Vt = len(tokenizer)`` and the tokenizer's unk.
+
+    ``closure`` (``texts=``, ``char_fallback=``) goes to :func:`kept_ids_from_corpus`.
 
     Raises:
         ValueError: the tokenizer has no unk token (pass ``unk_teacher_id`` to
@@ -274,7 +391,7 @@ def vocab_map_from_corpus(
         raise ValueError(
             "the tokenizer has no unk token: build the map with VocabMap.from_token_ids(..., unk_teacher_id=...)"
         )
-    kept = kept_ids_from_corpus(datasets, tokenizer, extra_ids)
+    kept = kept_ids_from_corpus(datasets, tokenizer, extra_ids, **closure)
     return VocabMap.from_token_ids(kept, len(tokenizer), unk_teacher_id=tokenizer.unk_token_id)
 
 
@@ -360,8 +477,9 @@ def trim_tokenizer(tokenizer: PreTrainedTokenizerFast, vocab_map: VocabMap) -> P
     iff ``a``, ``b`` and ``a+b`` are all kept (original order), and post-processor special-token
     ids are renumbered. Normalizer, pre-tokenizer and decoder are unchanged, so byte fallback
     covers characters whose tokens were dropped. With a vocabulary closed by
-    ``close_over_merges``, ids equal ``vocab_map.remap(teacher ids)`` on text whose teacher
-    tokens are all kept.
+    ``close_over_merges`` (BPE) or from ``kept_ids_from_corpus`` (WordPiece with its ``texts``,
+    Unigram), ids equal ``vocab_map.remap(teacher ids)`` on the corpus text. ``model_input_names``
+    are the teacher tokenizer's (DistilBERT takes no ``token_type_ids``).
 
     Args:
         tokenizer: the teacher's fast tokenizer.
@@ -389,7 +507,8 @@ def trim_tokenizer(tokenizer: PreTrainedTokenizerFast, vocab_map: VocabMap) -> P
     if data.get("post_processor"):
         data["post_processor"] = _renumber_post_processor(data["post_processor"], kept)
     backend = Tokenizer.from_str(json.dumps(data))
-    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend, **_special_tokens(tokenizer, kept))
+    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend, model_input_names=list(tokenizer.model_input_names),
+                                      **_special_tokens(tokenizer, kept))
     trimmed.model_max_length = tokenizer.model_max_length
     trimmed.padding_side = tokenizer.padding_side
     if getattr(tokenizer, "chat_template", None):
@@ -419,8 +538,13 @@ def _restrict_model(model: dict, kept: dict[str, int], vocab_map: VocabMap) -> d
         model["merges"] = [[a, b] for a, b in merges if a in kept and b in kept and _merge_result(a, b, prefix) in kept]
         return model
     if kind == "WordPiece":
+        if model["unk_token"] not in kept:
+            raise ValueError(f"the vocab map drops the WordPiece unk token {model['unk_token']!r}: keep it via always_keep")
         return dict(model, vocab={t: kept[t] for t in model["vocab"] if t in kept})
     if kind == "Unigram":
+        if model["vocab"] and unigram_min_score_token({"model": model}) not in kept:
+            logger.warning("the trimmed Unigram vocabulary lacks the lowest-score piece: its unknown-piece score rises "
+                           "and corpus tokenization may differ from the teacher's (use kept_ids_from_corpus)")
         # The piece list is in id order and student ids keep that order, so filtering renumbers.
         pieces = [p for p in model["vocab"] if p[0] in kept]
         assert all(kept[p[0]] == i for i, p in enumerate(pieces)), "Unigram pieces must be in id order"
