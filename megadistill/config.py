@@ -317,7 +317,7 @@ def validate(cfg: RunConfig) -> None:
         (all(w > 0 for w in cfg.data.blend_weights), "data.blend_weights must be > 0"),
         (cfg.data.blend_total_tokens >= 0, "data.blend_total_tokens must be >= 0 (0 = all tokens once)"),
         (cfg.teacher.mode in TEACHER_MODES, f"teacher.mode must be one of {', '.join(TEACHER_MODES)}"),
-        (cfg.teacher.mode == "online" or cfg.teacher.logit_cache, "teacher.mode offline needs teacher.logit_cache (tools/cache_teacher_logits.py)"),
+        (cfg.teacher.mode != "offline" or cfg.teacher.logit_cache, "teacher.mode offline needs teacher.logit_cache (tools/cache_teacher_logits.py)"),
         (cfg.teacher.mode == "online" or not _features_on(cfg.features), "features.* need the teacher online (teacher.mode: online)"),
         (cfg.features.hidden_loss in ("mse", "cosine"), "features.hidden_loss must be mse or cosine"),
         (cfg.features.project in ("auto", "always"), "features.project must be auto or always"),

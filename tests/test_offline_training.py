@@ -9,20 +9,30 @@ import pytest
 import torch
 
 from megadistill.config import LossConfig
-from megadistill.data.collate import collate_clm
-from megadistill.losses.schedule import LossWeights
+from megadistill.data.batches import ClmBatches
 from megadistill.models.student import build_student_from_teacher
 from megadistill.models.teacher import final_hidden_states, load_teacher
-from megadistill.stages.pretrain import DistillStudent, TeacherSource
+from megadistill.objectives.lm import LMObjective, lm_metrics
+from megadistill.objectives.spec import KDSpec
 from megadistill.teacher_cache import TeacherCache
+from megadistill.teachers import CachedTeacher, TeacherSignal
 from test_teacher_cache import packed_windows, run_tool
 
 
 def masked_batch(packed, indices):
-    """Windows and the collated batch with document ids / position ids (what training feeds by default)."""
-    items = [packed.item(i) for i in indices]
-    windows = [tokens for tokens, _ in items]
-    return windows, collate_clm(windows, document_ids=[docs for _, docs in items])
+    """Windows and the training batch with document ids / position ids (what training feeds by default)."""
+    batch = ClmBatches(packed)(indices)
+    return batch["windows"], batch
+
+
+def objective(student, head, loss_cfg: LossConfig, vocab: int) -> LMObjective:
+    """The causal-LM objective the pre-training stage builds (constant weights)."""
+    return LMObjective(student, KDSpec.from_config(loss_cfg, vocab), loss_cfg, total_steps=10, teacher_head=head)
+
+
+def means(out: dict) -> dict:
+    """Token-mean ce / kd of one forward's stats."""
+    return lm_metrics({k: float(v) for k, v in out["stats"].items()})
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -37,22 +47,20 @@ def test_step_from_cache_equals_online_topk_step(cache_workspace, tmp_path, sing
     loss_cfg = LossConfig(ce_weight=0.3, kd_weight=0.7, divergence=divergence, top_k=8, top_p=0.95, chunk_size_tokens=10)
     torch.manual_seed(0)
     student = build_student_from_teacher(teacher, [0], None)
-    online_module = DistillStudent(copy.deepcopy(student), head, loss_cfg, vocab)
-    offline_module = DistillStudent(copy.deepcopy(student), None, loss_cfg, vocab)
+    online_module = objective(copy.deepcopy(student), head, loss_cfg, vocab)
+    offline_module = objective(copy.deepcopy(student), None, loss_cfg, vocab)
     indices = [5, 2 * len(packed) + 3]  # second one is from epoch 2: same window ids, visited in another order
     windows, batch = masked_batch(packed, indices)
-    weights = LossWeights(0.3, 0.7, 1.0)
     positions = batch["position_ids"]
     with torch.no_grad():
         teacher_hidden = final_hidden_states(teacher, batch["teacher_input_ids"], position_ids=positions)
-    online = online_module(batch["input_ids"], batch["labels"], teacher_hidden=teacher_hidden, weights=weights,
-                           position_ids=positions)
-    signal = TeacherSource(cache=cache).signal(batch, packed, indices, windows, torch.device("cpu"))
-    assert set(signal) == {"sparse_targets"}
-    offline = offline_module(batch["input_ids"], batch["labels"], weights=weights, position_ids=positions, **signal)
+    online = online_module(batch, TeacherSignal(hidden=teacher_hidden), 0)
+    signal = CachedTeacher(cache, None, torch.device("cpu")).signal(batch)
+    assert signal.sparse is not None and signal.hidden is None
+    offline = offline_module(batch, signal, 0)
     # Only the cache's log-prob quantization (2^-? nats) and fp16 tail separate the two.
-    assert float(offline["kd"]) == pytest.approx(float(online["kd"]), rel=2e-3, abs=1e-4)
-    assert float(offline["ce"]) == pytest.approx(float(online["ce"]), rel=1e-6)
+    assert means(offline)["kd"] == pytest.approx(means(online)["kd"], rel=2e-3, abs=1e-4)
+    assert means(offline)["ce"] == pytest.approx(means(online)["ce"], rel=1e-6)
     for module, result in ((online_module, online), (offline_module, offline)):
         opt = torch.optim.SGD(module.parameters(), lr=0.5)
         result["loss"].backward()
@@ -64,7 +72,7 @@ def test_step_from_cache_equals_online_topk_step(cache_workspace, tmp_path, sing
     assert moved
     # Reading the wrong windows is caught by the per-window hash.
     with pytest.raises(ValueError, match="holds other tokens"):
-        TeacherSource(cache=cache).signal(batch, packed, [6, 7], windows, torch.device("cpu"))
+        CachedTeacher(cache, None, torch.device("cpu")).signal({**batch, "window_ids": [packed.window_id(i) for i in (6, 7)]})
     assert np.array_equal(windows[0], packed.window(packed.window_id(indices[0])))
 
 
@@ -76,16 +84,16 @@ def test_step_from_hidden_cache_equals_online_dense_step(cache_workspace, tmp_pa
     packed = packed_windows(cache_workspace)
     head = teacher.get_output_embeddings().weight.detach()[: len(tok)].clone()
     loss_cfg = LossConfig(ce_weight=0.5, kd_weight=0.5, divergence="mse", chunk_size_tokens=7)
-    module = DistillStudent(build_student_from_teacher(teacher, [1], None), head, loss_cfg, len(tok))
+    module = objective(build_student_from_teacher(teacher, [1], None), head, loss_cfg, len(tok))
     indices = [i for i in range(len(packed)) if packed.item(i)[1][:-1].max() > 0][:3]  # windows with a document start
     windows, batch = masked_batch(packed, indices)
     positions = batch["position_ids"]
     assert int(positions.min()) == 0 and bool((positions[:, 1:] == 0).any())  # at least one document starts mid-window
     with torch.no_grad():
         teacher_hidden = final_hidden_states(teacher, batch["teacher_input_ids"], position_ids=positions)
-        online = module(batch["input_ids"], batch["labels"], teacher_hidden=teacher_hidden, position_ids=positions)
-        signal = TeacherSource(cache=cache).signal(batch, packed, indices, windows, torch.device("cpu"))
-        assert set(signal) == {"teacher_hidden"} and signal["teacher_hidden"].dtype == torch.float32
-        offline = module(batch["input_ids"], batch["labels"], position_ids=positions, **signal)
-    assert float(online["kd"]) > 0
-    assert float(offline["kd"]) == pytest.approx(float(online["kd"]), rel=1e-3)  # fp16 storage of the hidden states
+        online = means(module(batch, TeacherSignal(hidden=teacher_hidden), 0))
+        signal = CachedTeacher(cache, None, torch.device("cpu")).signal(batch)
+        assert signal.hidden is not None and signal.sparse is None and signal.hidden.dtype == torch.float32
+        offline = means(module(batch, signal, 0))
+    assert online["kd"] > 0
+    assert offline["kd"] == pytest.approx(online["kd"], rel=1e-3)  # fp16 storage of the hidden states

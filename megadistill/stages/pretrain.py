@@ -100,6 +100,7 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         online = OnlineTeacher(engine.init_teacher(TeacherBody(teacher, features), ds), device)
     del teacher  # past this point only the teacher engine (if any) holds the weights
     train_teacher = CachedTeacher(cache, parts.vocab_map, device) if cache is not None else online
+    log.info("teacher signal: %s (%s objective)", train_teacher.kind, info["objective"])
 
     make_train = _batch_maker(cfg, masked, train_data, tokenizer, parts.vocab_map, static_mask=cache is not None)
     rank, world, mbs = distributed.rank(), distributed.world_size(), cfg.train.micro_batch_size
