@@ -242,3 +242,12 @@ def test_feature_distiller_trains_an_encoder_student_on_packed_windows():
         opt.step()
         losses.append(float(out["loss"].detach()))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]
+
+
+def test_masked_mean_selects_so_excluded_nan_does_not_leak():
+    """An excluded position holding NaN/inf leaves the hidden-state loss finite (multiplying by 0 would give NaN)."""
+    from megadistill.losses.features import _masked_mean
+
+    values = torch.tensor([[1.0, float("nan")], [3.0, float("inf")]]).unsqueeze(-1).expand(2, 2, 4)
+    mask = torch.tensor([[True, False], [True, False]])
+    assert _masked_mean(values, mask).item() == 2.0

@@ -136,8 +136,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     """Mean of ``values`` ``[B, L, ...]`` over positions where ``mask`` ``[B, L]`` is true."""
     if mask is None:
         return values.mean()
-    weight = mask.to(values.dtype).reshape(mask.shape + (1,) * (values.dim() - mask.dim()))
-    return (values * weight).sum() / (weight.sum() * (values.numel() / mask.numel())).clamp_min(1)
+    keep = mask.bool().reshape(mask.shape + (1,) * (values.dim() - mask.dim())).expand_as(values)
+    # Select, do not multiply: a NaN/inf at an excluded position must not reach the mean (NaN * 0 = NaN).
+    return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp_min(1)
 
 
 def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from megadistill.config import FeatureConfig, LossConfig, RunConfig, StudentConfig, to_dict
 from megadistill.losses.features import FeatureDistiller, feature_layer_pairs, use_eager_attention
 from megadistill.models.adapters import adapter_for
-from megadistill.models.student import build_student_from_teacher, parse_layer_map
+from megadistill.models.student import build_random_student, build_student_from_teacher, parse_layer_map
 from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def build_student(cfg: StudentConfig, seed: int, teacher, tokenizer, train_sets,
         if cfg.trim_vocab:
             kept = kept_ids_from_corpus(train_sets, tokenizer)
             vocab_map = VocabMap.from_token_ids(kept, teacher_vocab, unk_teacher_id=unk_fallback_id(tokenizer))
-        model = build_student_from_teacher(teacher, layer_map, vocab_map)
         if cfg.init == "random":
-            torch.manual_seed(seed)
-            model = type(model)(model.config)
+            model = build_random_student(teacher, seed, layer_map, vocab_map)
+        else:
+            model = build_student_from_teacher(teacher, layer_map, vocab_map)
         student_tokenizer = trim_tokenizer(tokenizer, vocab_map) if vocab_map is not None else tokenizer
     return StudentParts(model, student_tokenizer, vocab_map, layer_map,
                         _restrict(adapter.output_weight(teacher), vocab_map, teacher_vocab),
@@ -170,16 +170,31 @@ def stage_loss(loss: LossConfig, teacher_mode: str) -> LossConfig:
 def open_cache(cfg: RunConfig, train_data, tokenizer):
     """The offline teacher cache checked against the training windows, or None unless ``teacher.mode: offline``.
 
+    An encoder teacher trains a masked LM, so its cache must be a masked-LM cache of the run's
+    ``data.mask_prob`` / ``data.whole_word`` (and a decoder's a causal one).
+
     Raises:
         ValueError / FileNotFoundError: the cache is missing or was built from other data, sequence
-            length, seed, tokenizer or temperature.
+            length, seed, tokenizer, temperature, objective or masking settings; a masked-LM cache
+            with ``loss.kd_positions: all`` (it holds the masked positions only).
     """
+    from transformers import AutoConfig
+
+    from megadistill.data.masking import MaskingConfig
+    from megadistill.models.teacher import resolve_teacher
     from megadistill.teacher_cache import TeacherCache
 
     if cfg.teacher.mode != "offline":
         return None
     cache = TeacherCache(cfg.teacher.logit_cache)
-    cache.check_compatible(train_data, tokenizer, cfg.data.document_masking, temperature=cfg.loss.temperature)
+    teacher_config = AutoConfig.from_pretrained(resolve_teacher(cfg.teacher.path, cfg.teacher.cache_dir))
+    masked = adapter_for(teacher_config).family == "encoder"
+    masking = MaskingConfig(mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word) if masked else None
+    cache.check_compatible(train_data, tokenizer, cfg.data.document_masking, temperature=cfg.loss.temperature,
+                           masking=masking)
+    if masked and cfg.loss.kd_positions == "all":
+        raise ValueError("a masked-LM teacher cache holds the teacher at the masked positions only: set "
+                         "loss.kd_positions=masked, or use teacher.mode=online for KD at all positions")
     if cache.kind == "topk" and cfg.loss.divergence in ("mse", "cosine"):
         raise ValueError(f"loss.divergence {cfg.loss.divergence} needs full teacher logits: build the cache with --kind hidden")
     log.info("teacher signal: offline %s cache %s (%.1f bytes/token)", cache.kind, cfg.teacher.logit_cache, cache.bytes_per_token)

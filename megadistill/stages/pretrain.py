@@ -33,10 +33,11 @@ from megadistill.teachers import CachedTeacher, NoTeacher, OnlineTeacher, Teache
 log = logging.getLogger(__name__)
 
 
-def _datasets(cfg: RunConfig, tokenizer, run_dir: Path):
-    """Indexed train/valid datasets (checked against the teacher tokenizer) and the packed windows."""
-    train_sets = open_checked_datasets(cfg.data.train_prefixes, tokenizer)
-    valid_sets = open_checked_datasets(cfg.data.valid_prefixes, tokenizer)
+def _datasets(cfg: RunConfig, tokenizer, run_dir: Path, masked: bool):
+    """Indexed train/valid datasets (checked against the teacher tokenizer and framing) and the packed windows."""
+    framing = "encoder" if masked else "decoder"
+    train_sets = open_checked_datasets(cfg.data.train_prefixes, tokenizer, framing)
+    valid_sets = open_checked_datasets(cfg.data.valid_prefixes, tokenizer, framing)
     sources = blend_if_several(train_sets, cfg.data.blend_alpha, cfg.data.blend_weights, cfg.data.blend_total_tokens,
                                seed=cfg.train.seed)
     if isinstance(sources[0], BlendedDataset) and distributed.is_main():
@@ -73,7 +74,7 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     teacher, tokenizer = load_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     masked = adapter_for(teacher).family == "encoder"
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
-    train_sets, train_data, valid_data = _datasets(cfg, tokenizer, run_dir)
+    train_sets, train_data, valid_data = _datasets(cfg, tokenizer, run_dir, masked)
     cache = open_cache(cfg, train_data, tokenizer)
     parts = build_student(cfg.student, cfg.train.seed, teacher, tokenizer, train_sets, teacher_vocab)
     student = parts.model
