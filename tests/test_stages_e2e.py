@@ -121,3 +121,21 @@ def test_causal_lm_no_teacher_baseline(workspace, tiny_tokenizer, sib200_dir):
     assert len(train) == 3 and all(r["kd"] == 0 and r["loss"] == pytest.approx(r["ce"], rel=1e-9) for r in train)
     assert train[-1]["ce"] < train[0]["ce"]
     assert (run_dir / "hf" / "config.json").is_file()
+
+
+def test_masked_lm_resume_reproduces_the_loss_sequence(workspace):
+    """Masks come from (seed, sample index): a run stopped after 2 steps and resumed repeats the fresh run's losses."""
+    fresh = workspace / "run_mlm"
+    if not (fresh / "metrics.jsonl").exists():
+        run_train(workspace, fresh, "distilbert", workspace / "encoder", "enc")
+    resumed = workspace / "run_mlm_resumed"
+    run_train(workspace, resumed, "distilbert", workspace / "encoder", "enc", "train.exit_after_steps=2")
+    assert not (resumed / "hf").exists()
+    proc = run_train(workspace, resumed, "distilbert", workspace / "encoder", "enc")
+    assert "resumed from step 2" in proc.stdout + proc.stderr
+    expected = {r["step"]: r for r in records(fresh, "train")}
+    got = {r["step"]: r for r in records(resumed, "train")}
+    assert sorted(got) == [1, 2, 3]
+    for step, r in expected.items():
+        assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-5, abs=1e-6), step
+        assert got[step]["tokens"] == r["tokens"], step
