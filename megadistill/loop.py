@@ -70,14 +70,16 @@ class _Totals:
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
+        # Stays on the stats' device (no host sync per micro-batch).
         for name, value in stats.items():
-            value = value.detach().double().cpu()
+            value = value.detach().double()
             self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def reduce(self) -> dict[str, float]:
         names = sorted(self.sums)
-        # host sync: one all-reduce of every named sum per step (the logged metrics).
-        values = distributed.all_reduce_sum(torch.stack([self.sums[n] for n in names])).tolist()
+        stacked = torch.stack([self.sums[n].to(self.sums[names[0]].device) for n in names])
+        # host sync: one all-reduce and one copy of every named sum per step (the logged metrics).
+        values = distributed.all_reduce_sum(stacked).tolist()
         return dict(zip(names, values))
 
 

@@ -75,6 +75,10 @@ def main(argv=None) -> int:
                            eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log)
     totals = loop.run(parts, cfg.train, state)
     metrics_logger.close()
+    if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
+        log.info("run already complete at step %d: %s holds its export (use a new run_dir to train again)", state.step, run_dir / "hf")
+        distributed.barrier()
+        return 0
     if state.step < cfg.train.max_steps:
         log.info("stopped at step %d of %d (train.exit_after_steps): rerun the same command to resume", state.step, cfg.train.max_steps)
         distributed.barrier()
