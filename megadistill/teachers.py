@@ -26,8 +26,9 @@ class TeacherSignal:
         hidden: ``[B, L, Ht]`` what the teacher's output projection reads (final normed hidden
             state of a decoder, MLM-head transform of an encoder); the objective turns it into
             logits chunk by chunk through the teacher head it holds.
-        sparse: :class:`SparseTargets` with ``B * L`` rows (or one row per masked position for a
-            masked-LM cache) in student ids: top-k log-probs + tail from an offline cache.
+        sparse: :class:`SparseTargets` with ``B * L`` rows (or one row per masked position, the
+            batch's ``mlm_mask`` in row-major order, for a masked-LM cache) in student ids: top-k
+            log-probs + tail from an offline cache.
         features: the teacher's :func:`~megadistill.losses.features.collect_features` dict when
             intermediate layers are matched (its ``last_hidden`` is the head input).
     """
@@ -128,6 +129,8 @@ class CachedTeacher:
         self.cache.verify_windows(window_ids, batch["windows"])
         if self.cache.kind == "hidden":
             return TeacherSignal(hidden=self.cache.hidden(window_ids).to(self.device))
+        if self.cache.objective == "mlm":  # the masked inputs must be those the cached teacher saw
+            self.cache.verify_masked(window_ids, batch["teacher_input_ids"])
         targets = self.cache.targets(window_ids)
         if self.vocab_map is not None:
             targets = remap_sparse_targets(targets, self.vocab_map)

@@ -68,10 +68,10 @@ def packed(root: Path, seed: int = SEED) -> PackedDataset:
     return PackedDataset([IndexedDataset(root / "data" / "hin")], SEQ, seed=seed, fixed_layout=True)
 
 
-def training_batches(root: Path, tok, seed: int = SEED, vocab_map=None) -> MlmBatches:
-    """The batches the pre-training stage builds with a cache (static masks, document masking on)."""
-    return MlmBatches(packed(root), MlmCollator.from_tokenizer(tok, MaskingConfig(mask_prob=0.15), vocab_map), seed,
-                      static_mask=True, document_masking=True)
+def training_batches(root: Path, tok, seed: int = SEED, vocab_map=None, replace_from_all: bool = False) -> MlmBatches:
+    """Batches with static masks and document masking on (the stage uses ``replace_from_all=True`` with a cache)."""
+    collator = MlmCollator.from_tokenizer(tok, MaskingConfig(mask_prob=0.15), vocab_map, replace_from_all=replace_from_all)
+    return MlmBatches(packed(root), collator, seed, static_mask=True, document_masking=True)
 
 
 def online_masked_logits(teacher, batch) -> torch.Tensor:
@@ -172,6 +172,10 @@ def test_mismatched_masking_seed_or_objective_is_refused(mlm_root, cache_workspa
     batch = training_batches(mlm_root, tok, vocab_map=trimmed)(list(range(12)))
     with pytest.raises(ValueError, match="masked differently"):
         cache.verify_masked(batch["window_ids"], batch["teacher_input_ids"])
+    # What the stage builds for a trimmed student with a cache: replacements from every teacher id, exact replay.
+    batch = training_batches(mlm_root, tok, vocab_map=trimmed, replace_from_all=True)(list(range(12)))
+    cache.verify_masked(batch["window_ids"], batch["teacher_input_ids"])
+    assert int(batch["mlm_mask"].sum()) == cache.targets(batch["window_ids"]).ids.shape[0]
 
 
 def test_tool_refuses_bad_masking_arguments(mlm_root, cache_workspace, tmp_path):

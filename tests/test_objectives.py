@@ -34,7 +34,8 @@ def mlm_batch():
     labels[0, [1, 4, 7]] = ids[0, [1, 4, 7]]
     labels[1, [2]] = ids[1, [2]]
     masked = ids.masked_fill(labels != -100, 4)
-    return {"input_ids": masked, "teacher_input_ids": masked, "labels": labels, "dropped_tokens": torch.tensor(0)}
+    return {"input_ids": masked, "teacher_input_ids": masked, "labels": labels, "mlm_mask": labels != -100,
+            "dropped_tokens": torch.tensor(0)}
 
 
 def kl_rows(t_logits, s_logits, tau):
@@ -69,6 +70,21 @@ def test_mlm_kd_equals_full_logits_reference(kd_positions):
     student.zero_grad()
     (2.0 * ce + 5.0 * kd).backward()
     torch.testing.assert_close(got, student.lm_head.dense.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mlm_position_whose_label_trimming_dropped_keeps_kd_and_its_cache_row():
+    """A selected position whose label the vocab map dropped gets KD but no CE, so rows stay aligned with a cache."""
+    student, teacher = tiny_encoder(0), tiny_encoder(1)
+    loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, temperature=1.0, chunk_size_tokens=4)
+    objective = LMObjective(student, KDSpec.from_config(loss_cfg, V), loss_cfg, 10, masked=True,
+                            teacher_head=teacher.lm_head.decoder.weight.detach(), teacher_bias=teacher.lm_head.bias.detach())
+    batch = mlm_batch()
+    batch["labels"][0, 4] = -100  # dropped by trimming: still selected in mlm_mask
+    with torch.no_grad():
+        t_hidden = objective.adapter.final_hidden_states(teacher, batch["teacher_input_ids"])
+    out = objective(batch, TeacherSignal(hidden=t_hidden), 0)
+    assert float(out["stats"]["ce_tokens"]) == 3 and float(out["stats"]["kd_tokens"]) == 4
+    assert objective.counts(batch) == {"ce_tokens": 3, "kd_tokens": 4}
 
 
 def test_causal_lm_with_normalizer_is_a_share_of_the_global_token_mean():

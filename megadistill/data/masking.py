@@ -266,7 +266,11 @@ class MlmCollator:
         config: masking probabilities (validated on construction).
         vocab_map: a :class:`megadistill.models.vocab.VocabMap` for a trimmed student, or ``None``.
             Random replacements are then drawn from kept non-special ids only, so teacher and
-            student see the same replacement token.
+            student see the same replacement token (unless ``replace_from_all``).
+        replace_from_all: draw random replacements from every non-special teacher id even with a
+            ``vocab_map`` (a replacement the student lacks reaches it as its UNK). An offline masked-LM
+            teacher cache is written without a vocab map, so a trimmed student needs this to replay
+            exactly the masked inputs the cached teacher saw.
 
     Raises:
         ValueError: invalid config, ``whole_word`` without ``word_start``, or a vocab map that
@@ -279,6 +283,7 @@ class MlmCollator:
     word_start: torch.Tensor | None = None
     config: MaskingConfig = field(default_factory=MaskingConfig)
     vocab_map: object | None = None
+    replace_from_all: bool = False
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -289,7 +294,8 @@ class MlmCollator:
         allowed = ~self.special
         if self.vocab_map is not None:
             self._check_vocab_map()
-            allowed = allowed & torch.from_numpy(self.vocab_map.teacher_to_student >= 0)
+            if not self.replace_from_all:
+                allowed = allowed & torch.from_numpy(self.vocab_map.teacher_to_student >= 0)
         self.replacement_ids = torch.nonzero(allowed, as_tuple=True)[0]
 
     def _check_vocab_map(self) -> None:
@@ -301,7 +307,8 @@ class MlmCollator:
             raise ValueError(f"the vocab map drops the mask token (teacher id {self.mask_id}): keep it via always_keep")
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, config: MaskingConfig | None = None, vocab_map=None) -> MlmCollator:
+    def from_tokenizer(cls, tokenizer, config: MaskingConfig | None = None, vocab_map=None,
+                       replace_from_all: bool = False) -> MlmCollator:
         """Tables from the (teacher) tokenizer; ``word_start`` is built only for whole-word masking.
 
         Raises:
@@ -311,7 +318,7 @@ class MlmCollator:
         config = (config or MaskingConfig()).validate()
         word_start = word_start_table(tokenizer) if config.whole_word else None
         special = special_ids_table(tokenizer)
-        return cls(mask_token_id(tokenizer), len(tokenizer), special, word_start, config, vocab_map)
+        return cls(mask_token_id(tokenizer), len(tokenizer), special, word_start, config, vocab_map, replace_from_all)
 
     def __call__(
         self,

@@ -66,10 +66,16 @@ class LMObjective(torch.nn.Module):
         return self.spec.at(loss_weights_at(self.loss_cfg, step, self.total_steps))
 
     def counts(self, batch: dict) -> dict[str, int]:
-        """Valid CE and KD tokens of a micro-batch (from its CPU labels: no device sync)."""
+        """Valid CE and KD tokens of a micro-batch (from its CPU tensors: no device sync).
+
+        KD covers every selected position of a masked LM (also one whose label a trimmed vocabulary
+        dropped), every position with ``kd_positions: all``, and the labelled positions of a causal LM.
+        """
         labels = batch["labels"]
         ce = int((labels != IGNORE_INDEX).sum())
-        return {"ce_tokens": ce, "kd_tokens": labels.numel() if self.kd_all else ce}
+        if self.kd_all:
+            return {"ce_tokens": ce, "kd_tokens": labels.numel()}
+        return {"ce_tokens": ce, "kd_tokens": int(batch["mlm_mask"].sum()) if self.masked else ce}
 
     def forward(self, batch: dict, signal: TeacherSignal, step: int, normalizer: LossNormalizer | None = None) -> dict:
         device = self.student.get_input_embeddings().weight.device
@@ -77,14 +83,14 @@ class LMObjective(torch.nn.Module):
         spec = self.spec_at(step)
         hidden, feats = self._student_hidden(batch, signal)
         teacher_hidden = signal.features["last_hidden"] if signal.features is not None else signal.hidden
-        rows = self._rows(batch["labels"])
+        rows = self._rows(batch)
         out = chunked_distill_loss(
             _select(hidden, rows), self.adapter.output_weight(self.student), _select(batch["labels"], rows), spec,
             student_bias=self.adapter.output_bias(self.student),
             teacher_hidden=_select(teacher_hidden, rows) if teacher_hidden is not None else None,
             teacher_weight=self.teacher_head if teacher_hidden is not None else None,
             teacher_bias=self.teacher_bias if teacher_hidden is not None else None,
-            sparse_targets=signal.sparse, kd_mask=self._kd_mask(batch["labels"]),
+            sparse_targets=signal.sparse, kd_mask=self._kd_mask(batch["labels"], rows),
             normalizer=normalizer)
         stats = {"ce_sum": out.ce_sum, "ce_tokens": out.ce_tokens.float(), "kd_sum": out.kd_sum,
                  "kd_tokens": out.kd_tokens.float(), "micro_batches": torch.ones((), device=device),
@@ -105,14 +111,17 @@ class LMObjective(torch.nn.Module):
             return feats["last_hidden"], feats
         return self.adapter.final_hidden_states(self.student, batch["input_ids"], **kwargs), None
 
-    def _kd_mask(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """``[B * L]`` bool KD positions for ``kd_positions: all``; None means "where there is a label"."""
-        return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device) if self.kd_all else None
+    def _kd_mask(self, labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """``[N]`` bool KD rows: all rows read (masked LM), or None: "where there is a label" (causal LM)."""
+        if not self.masked:
+            return None
+        return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device) if rows is None else rows[rows]
 
-    def _rows(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Positions the loss reads: masked positions for a masked LM with KD there, else all (None)."""
+    def _rows(self, batch: dict) -> torch.Tensor | None:
+        """``[B, L]`` bool positions the loss reads: the selected (masked) positions of a masked LM with KD
+        there (the rows an offline masked-LM cache holds, in row-major order), else all positions (None)."""
         if self.masked and not self.kd_all:
-            return labels != IGNORE_INDEX
+            return batch["mlm_mask"]
         return None
 
 

@@ -53,8 +53,9 @@ def _batch_maker(cfg: RunConfig, masked: bool, data, tokenizer, vocab_map, stati
     world = distributed.world_size()
     if not masked:
         return ClmBatches(data, vocab_map, cfg.data.document_masking, world)
+    # With a cache (static masks) replacements come from every teacher id, as when the cache was written.
     collator = MlmCollator.from_tokenizer(tokenizer, MaskingConfig(mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word),
-                                          vocab_map)
+                                          vocab_map, replace_from_all=static_mask)
     return MlmBatches(data, collator, cfg.train.seed, static_mask, cfg.data.document_masking, world)
 
 
