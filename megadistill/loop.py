@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megadistill import distributed
@@ -110,8 +111,18 @@ def evaluate(parts: LoopParts, step: int) -> dict[str, float]:
     return metrics
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the torch RNG for optimizer step ``step`` on ``rank`` (mixed by NumPy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, state: LoopState) -> dict[str, float]:
-    """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the reduced metrics."""
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the reduced metrics.
+
+    Dropout (and anything else drawing from torch's RNG) is seeded from ``(train.seed, step, rank)``,
+    so a resumed run draws what the uninterrupted run drew, with no RNG state in the checkpoint.
+    """
+    torch.manual_seed(step_seed(train.seed, state.step, distributed.rank()))
     engine = parts.engine
     micro = [next(batches) for _ in range(train.grad_accum_steps)]
     normalizer = global_normalizer([engine.module.counts(b) for b in micro], train.grad_accum_steps)
