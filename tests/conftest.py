@@ -16,6 +16,15 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous of spawned or launched ranks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def find_sib200() -> Path:
     """Return the SIB-200 directory, or raise ``FileNotFoundError`` saying how to fix it."""
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "sib200"

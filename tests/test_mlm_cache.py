@@ -191,11 +191,11 @@ def test_open_cache_passes_the_run_masking_and_refuses_kd_at_all_positions(mlm_r
     base = [f"teacher.path={mlm_root / 'teacher'}", "teacher.mode=offline", f"teacher.logit_cache={mlm_root / 'top255'}",
             f"data.train_prefixes=[{mlm_root / 'data' / 'hin'}]", f"data.seq_len_tokens={SEQ}", f"train.seed={SEED}"]
     _, tok = load_teacher(mlm_root / "teacher")
-    assert open_cache(load_config(None, base), packed(mlm_root), tok).objective == "mlm"
+    assert open_cache(load_config(None, base), packed(mlm_root), tok, masked=True).objective == "mlm"
     with pytest.raises(ValueError, match="mask_prob is 0.15 in the cache but 0.3"):
-        open_cache(load_config(None, base + ["data.mask_prob=0.3"]), packed(mlm_root), tok)
+        open_cache(load_config(None, base + ["data.mask_prob=0.3"]), packed(mlm_root), tok, masked=True)
     with pytest.raises(ValueError, match="loss.kd_positions=masked"):
-        open_cache(load_config(None, base + ["loss.kd_positions=all"]), packed(mlm_root), tok)
+        open_cache(load_config(None, base + ["loss.kd_positions=all"]), packed(mlm_root), tok, masked=True)
 
 
 def test_rerun_resumes_and_otherwise_does_nothing(mlm_root, tmp_path):

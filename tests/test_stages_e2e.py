@@ -8,7 +8,6 @@ decoder quickstart recipe with ``teacher.mode=none``.
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,17 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import read_sib200_texts
+from conftest import free_port, read_sib200_texts
 from megadistill.data.binarize import binarize
 from megadistill.models.scratch import random_xlmr_encoder, train_unigram_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from conftest import free_port
 from megadistill.data.indexed import IndexedDataset
 from megadistill.data.packing import PackedDataset
 from megadistill.losses.logits import chunked_distill_loss, topk_targets
@@ -38,10 +38,6 @@ def packed_windows(cache_workspace, seed=7, seq=SEQ):
     return PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], seq, seed=seed, fixed_layout=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:

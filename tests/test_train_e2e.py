@@ -7,7 +7,6 @@ exported student loads with ``AutoModelForCausalLM`` and its tokenizer yields st
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import build_tiny_tokenizer, read_sib200_texts
+from conftest import build_tiny_tokenizer, free_port, read_sib200_texts
 from megadistill.data.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

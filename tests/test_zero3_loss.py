@@ -10,20 +10,16 @@ micro-batches (12 and 2 here), not a mean of per-micro-batch means.
 from __future__ import annotations
 
 import multiprocessing
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 import zero3_loss_worker as worker
+from conftest import free_port
 from megadistill.engine import warmup_cosine
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(world: int, out_dir: Path) -> list[dict]:

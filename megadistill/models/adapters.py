@@ -16,6 +16,7 @@ Hugging Face model it describes.
 
 from __future__ import annotations
 
+import abc
 import inspect
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ __all__ = ["BertAdapter", "DecoderAdapter", "DistilBertAdapter", "EncoderAdapter
            "RobertaAdapter", "adapter_for", "supported_architectures"]
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """Interface of a family adapter (see :class:`DecoderAdapter` and :class:`EncoderAdapter`).
 
     Attributes:
@@ -38,6 +39,9 @@ class ModelAdapter:
         layers_prefix: state-dict prefix of the block list, e.g. ``"model.layers."``.
         depth_field: config field holding the number of blocks (``num_hidden_layers``; DistilBERT ``n_layers``).
         position_offset: positions are embedded at row ``pad_token_id + 1 + p`` (RoBERTa, XLM-R).
+        blocks: dotted path from :meth:`body` to the block list.
+        attention: dotted path from a block to the module holding the Q/K/V projections.
+        qkv: names of the Q, K and V projections in that module.
     """
 
     family: str
@@ -45,15 +49,27 @@ class ModelAdapter:
     layers_prefix: str
     depth_field: str = "num_hidden_layers"
     position_offset: bool = False
+    blocks: str
+    attention: str
+    qkv: tuple[str, str, str]
 
+    @abc.abstractmethod
     def body(self, model: torch.nn.Module) -> torch.nn.Module:
         """The transformer body (embeddings + blocks + final norm), without the LM head."""
-        raise NotImplementedError
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        """The list of transformer blocks, in order."""
-        raise NotImplementedError
+        """The list of transformer blocks, in order.
 
+        Raises:
+            ValueError: the model does not keep its blocks where this family does.
+        """
+        blocks = _get_path(self.body(model), self.blocks)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            where = self.layers_prefix.rstrip(".")
+            raise ValueError(f"{type(model).__name__} does not keep its {self.family} blocks in {where}")
+        return blocks
+
+    @abc.abstractmethod
     def body_outputs(self, model, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, **kwargs):
         """Run the body; ``kwargs`` go to it (``output_hidden_states``, ``output_attentions``, ``attention_mask``).
@@ -68,11 +84,10 @@ class ModelAdapter:
             The HF base-model output (``last_hidden_state`` ``[B, L, H]``, optional ``hidden_states``
             tuple of ``num_layers + 1`` ``[B, L, H]`` and ``attentions``).
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def head_input(self, model, last_hidden_state: torch.Tensor) -> torch.Tensor:
         """What the output projection reads, from the body's last hidden state ``[B, L, H]`` -> ``[B, L, H]``."""
-        raise NotImplementedError
 
     def output_weight(self, model) -> torch.Tensor:
         """The output projection ``[Vp, H]`` (may be tied to the input embedding; ``Vp`` may include padding rows)."""
@@ -101,7 +116,11 @@ class ModelAdapter:
         Raises:
             ValueError: ``layer`` is out of range or the block has no such projections.
         """
-        raise NotImplementedError
+        attn = _get_path(self._layer(model, layer), self.attention)
+        if attn is None or not all(hasattr(attn, n) for n in self.qkv):
+            raise ValueError(f"{type(model).__name__} layer {layer + 1} has no {self.attention}."
+                             f"{'/'.join(self.qkv)} to take relations from")
+        return {key: getattr(attn, name) for key, name in zip("qkv", self.qkv)}
 
     def final_hidden_states(self, model, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                             position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -128,15 +147,12 @@ class DecoderAdapter(ModelAdapter):
     causal: bool = True
     layers_prefix: str = "model.layers."
     depth_field: str = "num_hidden_layers"
+    blocks: str = "layers"
+    attention: str = "self_attn"
+    qkv: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
 
     def body(self, model):
         return model.get_decoder()
-
-    def layers(self, model):
-        layers = getattr(self.body(model), "layers", None)
-        if not isinstance(layers, torch.nn.ModuleList):
-            raise ValueError(f"{type(model).__name__} does not keep its decoder blocks in model.layers")
-        return layers
 
     def body_outputs(self, model, input_ids, document_ids=None, position_ids=None, **kwargs):
         # Position ids restarting per document make HF decoders keep attention inside documents
@@ -148,13 +164,6 @@ class DecoderAdapter(ModelAdapter):
     def head_input(self, model, last_hidden_state):
         return last_hidden_state
 
-    def qkv_modules(self, model, layer):
-        attn = getattr(self._layer(model, layer), "self_attn", None)
-        if attn is None or not all(hasattr(attn, f"{n}_proj") for n in "qkv"):
-            raise ValueError(f"{type(model).__name__} layer {layer + 1} has no self_attn.q_proj/k_proj/v_proj "
-                             "to take relations from")
-        return {n: getattr(attn, f"{n}_proj") for n in "qkv"}
-
 
 @dataclass(frozen=True)
 class EncoderAdapter(ModelAdapter):
@@ -162,9 +171,6 @@ class EncoderAdapter(ModelAdapter):
 
     Attributes (besides :class:`ModelAdapter`'s):
         base: attribute of the masked-LM model holding the base model (``bert``, ``roberta``, ``distilbert``).
-        blocks: dotted path from the base model to the block list.
-        attention: dotted path from a block to the module holding the Q/K/V projections.
-        qkv: names of the Q, K and V projections in that module.
     """
 
     family: str = "encoder"
@@ -179,12 +185,6 @@ class EncoderAdapter(ModelAdapter):
 
     def body(self, model):
         return getattr(model, self.base)
-
-    def layers(self, model):
-        blocks = _get_path(self.body(model), self.blocks)
-        if not isinstance(blocks, torch.nn.ModuleList):
-            raise ValueError(f"{type(model).__name__} does not keep its encoder blocks in {self.base}.{self.blocks}")
-        return blocks
 
     def body_outputs(self, model, input_ids, document_ids=None, position_ids=None, **kwargs):
         if document_ids is not None:
@@ -224,13 +224,6 @@ class EncoderAdapter(ModelAdapter):
 
     def output_bias(self, model):
         return model.get_output_embeddings().bias
-
-    def qkv_modules(self, model, layer):
-        attn = _get_path(self._layer(model, layer), self.attention)
-        if attn is None or not all(hasattr(attn, n) for n in self.qkv):
-            raise ValueError(f"{type(model).__name__} layer {layer + 1} has no {self.attention}."
-                             f"{'/'.join(self.qkv)} to take relations from")
-        return {key: getattr(attn, name) for key, name in zip("qkv", self.qkv)}
 
 
 @dataclass(frozen=True)

@@ -167,28 +167,23 @@ def stage_loss(loss: LossConfig, teacher_mode: str) -> LossConfig:
     return dataclasses.replace(loss, ce_weight=1.0, kd_weight=0.0, ce_weight_end=None, kd_weight_end=None)
 
 
-def open_cache(cfg: RunConfig, train_data, tokenizer):
+def open_cache(cfg: RunConfig, train_data, tokenizer, masked: bool):
     """The offline teacher cache checked against the training windows, or None unless ``teacher.mode: offline``.
 
-    An encoder teacher trains a masked LM, so its cache must be a masked-LM cache of the run's
-    ``data.mask_prob`` / ``data.whole_word`` (and a decoder's a causal one).
+    ``masked`` (an encoder teacher, which trains a masked LM): the cache must be a masked-LM cache
+    of the run's ``data.mask_prob`` / ``data.whole_word``; otherwise a causal one.
 
     Raises:
         ValueError / FileNotFoundError: the cache is missing or was built from other data, sequence
             length, seed, tokenizer, temperature, objective or masking settings; a masked-LM cache
             with ``loss.kd_positions: all`` (it holds the masked positions only).
     """
-    from transformers import AutoConfig
-
     from megadistill.data.masking import MaskingConfig
-    from megadistill.models.teacher import resolve_teacher
     from megadistill.teacher_cache import TeacherCache
 
     if cfg.teacher.mode != "offline":
         return None
     cache = TeacherCache(cfg.teacher.logit_cache)
-    teacher_config = AutoConfig.from_pretrained(resolve_teacher(cfg.teacher.path, cfg.teacher.cache_dir))
-    masked = adapter_for(teacher_config).family == "encoder"
     masking = MaskingConfig(mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word) if masked else None
     cache.check_compatible(train_data, tokenizer, cfg.data.document_masking, temperature=cfg.loss.temperature,
                            masking=masking)

@@ -76,7 +76,7 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     masked = adapter_for(teacher).family == "encoder"
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
     train_sets, train_data, valid_data = _datasets(cfg, tokenizer, run_dir, masked)
-    cache = open_cache(cfg, train_data, tokenizer)
+    cache = open_cache(cfg, train_data, tokenizer, masked)
     parts = build_student(cfg.student, cfg.train.seed, teacher, tokenizer, train_sets, teacher_vocab)
     student = parts.model
     info = {"parameters": {"teacher": count_parameters(teacher), "student": count_parameters(student)},
