@@ -20,7 +20,7 @@ from megadistill.files import atomic_write_text
 from megadistill.losses.divergences import DIVERGENCES
 from megadistill.losses.schedule import SCHEDULES
 
-STAGE_NAMES = ("pre",)
+STAGE_NAMES = ("pre", "task")
 """Stages ``train.py`` can dispatch to (one module each in ``megadistill/stages/``)."""
 TEACHER_MODES = ("online", "offline", "none")
 """Where the teacher signal comes from (:mod:`megadistill.teachers`)."""
@@ -187,13 +187,41 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A labelled task (``stage: task``): data, the task loss, and what of the model trains."""
+
+    data_dir: str | None = None
+    """Task directory: ``<dir>/<lang>/{train,dev,test}.tsv`` + ``labels.txt`` (SIB-200), the same with
+    ``.jsonl`` files, or a ``datasets.save_to_disk`` directory (see :func:`megadistill.data.tasks.load_split`)."""
+    languages: list[str] = field(default_factory=list)
+    """Language directories trained together in one model (one name: a per-language model)."""
+    max_len_tokens: int = 164
+    """Tokens per example, special tokens included (longer examples are cut; SIB-200 paper: 164)."""
+    alpha: float = 0.5
+    """Weight of CE on the labels; KD on the teacher's class logits gets ``1 - alpha``. 1 = plain fine-tuning."""
+    kd_loss: str = "kl"
+    """``kl`` (KL at ``temperature``, T^2-scaled) or ``mse`` (on raw class logits)."""
+    temperature: float = 1.0
+    """KD temperature for ``kd_loss: kl``."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings fixed (most of a multilingual model's parameters)."""
+    train_top_layers: int = 0
+    """Train only the top N transformer layers (plus the head and final norm); 0 (or more than the model has) = every layer."""
+    select_metric: str = "accuracy"
+    """Dev metric that picks the ``hf_best/`` export: ``accuracy`` or ``macro_f1``."""
+    protocol: str = "custom"
+    """Name of the fine-tuning protocol, recorded with every result (``cpu``, ``paper``, or your own)."""
+
+
+@dataclass
 class RunConfig:
     """A whole run; saved resolved as ``<run_dir>/config.yaml``."""
 
     run_dir: str = "runs/default"
     """Output directory: config, metrics, tensorboard, checkpoints, HF export."""
     stage: str = "pre"
-    """Which stage runs (``megadistill/stages/``): ``pre`` (pre-training distillation on unlabeled text)."""
+    """Which stage runs (``megadistill/stages/``): ``pre`` (pre-training distillation on unlabeled text) or
+    ``task`` (fine-tuning with in-training distillation on a labelled task, see ``task``)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +229,7 @@ class RunConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -340,8 +369,33 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"invalid config: {message}")
+    if cfg.stage == "task":
+        _validate_task(cfg)
+        return
     if not cfg.data.train_prefixes:
         raise ValueError("invalid config: data.train_prefixes is empty: binarize text with tools/binarize.py first")
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    """Checks of ``stage: task``. Raises ``ValueError`` naming the key."""
+    task = cfg.task
+    checks = [
+        (task.data_dir, "task.data_dir is empty: point it at a task directory (e.g. ../shared/data/sib200)"),
+        (task.languages, "task.languages is empty: name the language directories to train on (e.g. [hin_Deva])"),
+        (cfg.student.init == "checkpoint" and cfg.student.checkpoint,
+         "stage task fine-tunes a trained model: set student.init=checkpoint and student.checkpoint (an hf/ export, "
+         "or a teacher path to fine-tune the teacher itself)"),
+        (0.0 <= task.alpha <= 1.0, "task.alpha must be in [0, 1]"),
+        (task.kd_loss in ("kl", "mse"), "task.kd_loss must be kl or mse"),
+        (task.temperature > 0, "task.temperature must be > 0"),
+        (task.max_len_tokens >= 2, "task.max_len_tokens must be >= 2"),
+        (task.train_top_layers >= 0, "task.train_top_layers must be >= 0 (0 = all layers)"),
+        (task.select_metric in ("accuracy", "macro_f1"), "task.select_metric must be accuracy or macro_f1"),
+        (not _features_on(cfg.features), "features.* are not used by stage task: set their weights to 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid config: {message}")
 
 
 def _features_on(features: FeatureConfig) -> bool:

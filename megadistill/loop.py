@@ -51,6 +51,8 @@ class LoopParts:
             number), or None for no evaluation.
         eval_teacher: teacher for held-out batches (an offline cache covers only training windows).
         log: ``f(step, split, metrics)`` (e.g. :class:`megadistill.logging.MetricsLogger.log`).
+        on_eval: ``f(step, metrics)`` after each held-out evaluation, on every rank (collective: e.g.
+            the task stage exports its best dev checkpoint), or None.
     """
 
     engine: object
@@ -62,6 +64,7 @@ class LoopParts:
     eval_batches: Callable[[], Iterable[dict]] | None = None
     eval_teacher: object = None
     log: Callable[[int, str, dict], None] = field(default=lambda step, split, metrics: None)
+    on_eval: Callable[[int, dict], None] | None = None
 
 
 class _Totals:
@@ -180,6 +183,8 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
                 train.eval_every_steps and state.step % train.eval_every_steps == 0)):
             valid = evaluate(parts, state.step)
             parts.log(state.step, "valid", valid)
+            if parts.on_eval is not None:
+                parts.on_eval(state.step, valid)
         if state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
             parts.save(state)
     bar.close()

@@ -15,7 +15,8 @@ from megadistill.losses.features import collect_features
 from megadistill.losses.logits import SparseTargets, remap_sparse_targets
 from megadistill.models.adapters import adapter_for
 
-__all__ = ["CachedTeacher", "NoTeacher", "OnlineTeacher", "TeacherBody", "TeacherSignal"]
+__all__ = ["CachedClassTeacher", "CachedTeacher", "ClassifierBody", "ClassifierTeacher", "NoTeacher", "OnlineTeacher",
+           "TeacherBody", "TeacherSignal"]
 
 
 @dataclass
@@ -31,16 +32,19 @@ class TeacherSignal:
             log-probs + tail from an offline cache.
         features: the teacher's :func:`~megadistill.losses.features.collect_features` dict when
             intermediate layers are matched (its ``last_hidden`` is the head input).
+        logits: ``[B, C]`` fp32 class logits of a fine-tuned teacher classifier (task stage), one row
+            per example of the batch.
     """
 
     hidden: torch.Tensor | None = None
     sparse: SparseTargets | None = None
     features: dict | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:
         """True when there is nothing to distil from (no-teacher baseline)."""
-        return self.hidden is None and self.sparse is None and self.features is None
+        return self.hidden is None and self.sparse is None and self.features is None and self.logits is None
 
 
 class TeacherBody(torch.nn.Module):
@@ -135,3 +139,48 @@ class CachedTeacher:
         if self.vocab_map is not None:
             targets = remap_sparse_targets(targets, self.vocab_map)
         return TeacherSignal(sparse=targets.to(self.device))
+
+
+class ClassifierBody(torch.nn.Module):
+    """A frozen fine-tuned teacher classifier (``*ForSequenceClassification``); what its engine wraps.
+
+    ``forward(input_ids [B, L] int64, attention_mask [B, L] int64)`` returns ``[B, C]`` fp32 logits.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+class ClassifierTeacher:
+    """A fine-tuned teacher classifier engine run on every micro-batch (``teacher_input_ids`` in its own tokenization)."""
+
+    kind = "online"
+
+    def __init__(self, engine, device):
+        self.engine, self.device = engine, device
+
+    def signal(self, batch: dict) -> TeacherSignal:
+        """The teacher's ``[B, C]`` class logits for ``batch`` (no grad)."""
+        with torch.no_grad():
+            logits = self.engine(batch["teacher_input_ids"].to(self.device), batch["teacher_attention_mask"].to(self.device))
+        return TeacherSignal(logits=logits)
+
+
+class CachedClassTeacher:
+    """Teacher class logits read from a task logit cache (:class:`megadistill.task_cache.TaskLogitCache`).
+
+    The batch's ``example_ids`` (split positions; ``-1`` = padding slot, given zeros) index the cache.
+    """
+
+    kind = "offline"
+
+    def __init__(self, cache, device):
+        self.cache, self.device = cache, device
+
+    def signal(self, batch: dict) -> TeacherSignal:
+        """Cached ``[B, C]`` fp32 logits for ``batch``."""
+        return TeacherSignal(logits=self.cache.logits(batch["example_ids"]).to(self.device))

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
 
     parts = loop.LoopParts(engine=built.engine, train_batches=built.train_batches, teacher=built.teacher,
                            metrics=built.metrics, save=save, tokens_per_sample=built.tokens_per_sample,
-                           eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log)
+                           eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log,
+                           on_eval=built.on_eval)
     totals = loop.run(parts, cfg.train, state)
     metrics_logger.close()
     if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():

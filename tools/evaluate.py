@@ -8,6 +8,14 @@
     python tools/evaluate.py --data-dir ../shared/data/sib200 --split dev --lang hin_Deva --lang ben_Beng \
         --model bert=runs/mlm/hf [--pll] [--mask-prob 0.15] [--seed 0]
 
+    python tools/evaluate.py --task sib200 --data-dir ../shared/data/sib200 --split test --lang hin_Deva --lang sat_Olck \
+        --model teacher=runs/task/teacher/hf_best --model student=runs/s1/hf_best,runs/s2/hf_best --mlp --mlp-seeds 1 2 3
+
+``--task sib200`` scores fine-tuned classifiers: test accuracy and macro-F1 (percent) per language,
+mean ± standard deviation over the comma-separated run directories of a model (its seeds), beside
+the SIB-200 MLP baseline trained per language (``--mlp``; word 1-3-gram counts, and character
+n-grams with ``--mlp-analyzer word char_wb``).
+
 Causal LMs get bits per character, each with its own tokenizer, so teachers and
 trimmed-vocabulary students are compared on the same characters. Models whose config names a
 ``*ForMaskedLM`` architecture get masked-token accuracy and MLM loss on a fixed seeded mask
@@ -35,7 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="SIB-200 style root holding <lang>/<split>.tsv")
     parser.add_argument("--lang", action="append", default=[], help="language code (hin_Deva) to evaluate; repeatable")
     parser.add_argument("--split", default="dev", help="split file name for directories (default dev)")
-    parser.add_argument("--model", required=True, action="append", help="name=path, repeatable")
+    parser.add_argument("--model", action="append", default=[],
+                        help="name=path, repeatable (--task: name=dir1,dir2,... for several seeds)")
     parser.add_argument("--pll", action="store_true", help="masked LMs: also pseudo-log-likelihood bits/char (slow)")
     parser.add_argument("--mask-prob", type=float, default=0.15, help="masked LMs: fraction of tokens masked")
     parser.add_argument("--seed", type=int, default=0, help="masked LMs: seed of the fixed mask")
@@ -43,6 +52,12 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="write results as JSON here (atomically)")
     parser.add_argument("--batch-size", type=int, default=4, help="texts per forward pass")
     parser.add_argument("--cache-dir", help="teacher conversion cache (see megadistill.models.teacher)")
+    parser.add_argument("--task", choices=["sib200"], help="score classifiers on a labelled task instead of LM metrics")
+    parser.add_argument("--max-len", type=int, default=164, help="--task: tokens per example (= task.max_len_tokens)")
+    parser.add_argument("--mlp", action="store_true", help="--task: add the SIB-200 MLP baseline (per language)")
+    parser.add_argument("--mlp-seeds", type=int, nargs="+", default=[1], help="--task: MLP seeds")
+    parser.add_argument("--mlp-analyzer", nargs="+", default=["word"], choices=["word", "char_wb"],
+                        help="--task: MLP features: word 1-3-grams (the paper's) and/or in-word character 1-3-grams")
     return parser.parse_args(argv)
 
 
@@ -60,11 +75,34 @@ def parse_models(items: list[str]) -> list[tuple[str, str]]:
     return models
 
 
+def task_main(args) -> int:
+    """``--task``: classifiers (name=dir[,dir...]) and the MLP floor per language; prints accuracy and macro-F1 tables."""
+    from megadistill.files import atomic_write_text
+    from megadistill.task_benchmark import format_task_table, task_report
+
+    if not args.data_dir or not args.lang:
+        raise ValueError("--task needs --data-dir and at least one --lang")
+    models = [(name, spec.split(",")) for name, spec in parse_models(args.model)] if args.model else []
+    report = task_report(models, args.data_dir, args.lang, args.split, args.max_len,
+                         args.mlp_seeds if args.mlp else (), args.mlp_analyzer, args.batch_size)
+    reference = models[0][0] if models else None
+    tables = {m: format_task_table(report, m, reference) for m in ("accuracy", "macro_f1")}
+    for metric, table in tables.items():
+        print(f"\n{args.split} {metric} (%), params / {reference}:\n{table}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps({**report, "tables": tables}, indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv=None) -> int:
     from megadistill.evaluate import (EvalOptions, by_model, eval_text_files, evaluate_models, format_table,
                                       read_texts, text_stats)
 
     args = parse_args(argv)
+    if args.task:
+        return task_main(args)
+    if not args.model:
+        raise ValueError("--model is required (name=path)")
     models = parse_models(args.model)
     files = eval_text_files(args.data, args.data_dir, args.lang, args.split)
     texts = {lang: read_texts(paths) for lang, paths in files.items()}

@@ -26,6 +26,7 @@ class StageRun:
         eval_batches: ``f() -> iterable`` of held-out micro-batches, or None.
         export: ``f(out_dir)`` writes the trained student in Hugging Face format (collective).
         info: JSON-serializable facts for ``summary.json`` (parameter counts, vocabulary, layers).
+        on_eval: ``f(step, metrics)`` after each held-out evaluation (collective), or None.
     """
 
     engine: object
@@ -37,12 +38,13 @@ class StageRun:
     eval_batches: Callable[[], Iterable[dict]] | None
     export: Callable[[Path], None]
     info: dict = field(default_factory=dict)
+    on_eval: Callable[[int, dict], None] | None = None
 
 
 def _stages() -> dict:
-    from megadistill.stages import pretrain
+    from megadistill.stages import pretrain, task
 
-    return {"pre": pretrain}
+    return {"pre": pretrain, "task": task}
 
 
 class _Registry(dict):

