@@ -195,6 +195,9 @@ class TaskConfig:
     ``.jsonl`` files, or a ``datasets.save_to_disk`` directory (see :func:`megadistill.data.tasks.load_split`)."""
     languages: list[str] = field(default_factory=list)
     """Language directories trained together in one model (one name: a per-language model)."""
+    kind: str = "sequence"
+    """``sequence`` (one label per text: ``*ForSequenceClassification``) or ``token`` (a tag per word, from
+    ``<lang>/<split>.jsonl`` lines with ``tokens`` and ``tags``: ``*ForTokenClassification``, first sub-token)."""
     max_len_tokens: int = 164
     """Tokens per example, special tokens included (longer examples are cut; SIB-200 paper: 164)."""
     alpha: float = 0.5
@@ -203,6 +206,8 @@ class TaskConfig:
     """``kl`` (KL at ``temperature``, T^2-scaled) or ``mse`` (on raw class logits)."""
     temperature: float = 1.0
     """KD temperature for ``kd_loss: kl``."""
+    group_by_length: bool = True
+    """Batch training examples of similar token length (less padding; the order still depends only on the seed)."""
     freeze_embeddings: bool = False
     """Keep the input embeddings fixed (most of a multilingual model's parameters)."""
     train_top_layers: int = 0
@@ -387,6 +392,9 @@ def _validate_task(cfg: RunConfig) -> None:
          "or a teacher path to fine-tune the teacher itself)"),
         (0.0 <= task.alpha <= 1.0, "task.alpha must be in [0, 1]"),
         (task.kd_loss in ("kl", "mse"), "task.kd_loss must be kl or mse"),
+        (task.kind in ("sequence", "token"), "task.kind must be sequence or token"),
+        (task.kind == "sequence" or cfg.teacher.mode != "offline",
+         "task.kind token distils from an online teacher only (teacher.mode online or none)"),
         (task.temperature > 0, "task.temperature must be > 0"),
         (task.max_len_tokens >= 2, "task.max_len_tokens must be >= 2"),
         (task.train_top_layers >= 0, "task.train_top_layers must be >= 0 (0 = all layers)"),

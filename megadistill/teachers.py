@@ -32,8 +32,9 @@ class TeacherSignal:
             log-probs + tail from an offline cache.
         features: the teacher's :func:`~megadistill.losses.features.collect_features` dict when
             intermediate layers are matched (its ``last_hidden`` is the head input).
-        logits: ``[B, C]`` fp32 class logits of a fine-tuned teacher classifier (task stage), one row
-            per example of the batch.
+        logits: ``[N, C]`` fp32 class logits of a fine-tuned teacher classifier (task stage), one row
+            per labelled row of the batch in order: each real example (sequence classification), or
+            each tagged word's first sub-token (token classification).
     """
 
     hidden: torch.Tensor | None = None
@@ -156,7 +157,11 @@ class ClassifierBody(torch.nn.Module):
 
 
 class ClassifierTeacher:
-    """A fine-tuned teacher classifier engine run on every micro-batch (``teacher_input_ids`` in its own tokenization)."""
+    """A fine-tuned teacher classifier engine run on every micro-batch (``teacher_input_ids`` in its own tokenization).
+
+    Sequence classifiers give ``[B, C]`` logits, kept where ``labels`` != -100; token classifiers
+    give ``[B, Lt, C]``, kept where ``teacher_labels`` != -100 (the tagged words' first sub-tokens).
+    """
 
     kind = "online"
 
@@ -164,16 +169,17 @@ class ClassifierTeacher:
         self.engine, self.device = engine, device
 
     def signal(self, batch: dict) -> TeacherSignal:
-        """The teacher's ``[B, C]`` class logits for ``batch`` (no grad)."""
+        """The teacher's ``[N, C]`` class logits of the batch's labelled rows (no grad)."""
         with torch.no_grad():
             logits = self.engine(batch["teacher_input_ids"].to(self.device), batch["teacher_attention_mask"].to(self.device))
-        return TeacherSignal(logits=logits)
+        labels = batch["teacher_labels"] if logits.dim() == 3 else batch["labels"]
+        return TeacherSignal(logits=logits[labels.to(self.device) != -100])
 
 
 class CachedClassTeacher:
     """Teacher class logits read from a task logit cache (:class:`megadistill.task_cache.TaskLogitCache`).
 
-    The batch's ``example_ids`` (split positions; ``-1`` = padding slot, given zeros) index the cache.
+    The batch's ``example_ids`` (split positions; ``-1`` = padding slot, skipped) index the cache.
     """
 
     kind = "offline"
@@ -182,5 +188,5 @@ class CachedClassTeacher:
         self.cache, self.device = cache, device
 
     def signal(self, batch: dict) -> TeacherSignal:
-        """Cached ``[B, C]`` fp32 logits for ``batch``."""
-        return TeacherSignal(logits=self.cache.logits(batch["example_ids"]).to(self.device))
+        """Cached ``[N, C]`` fp32 logits of the batch's real examples."""
+        return TeacherSignal(logits=self.cache.logits([i for i in batch["example_ids"] if i >= 0]).to(self.device))

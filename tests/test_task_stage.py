@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig, BertForMaskedLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import build_tiny_tokenizer, free_port, read_sib200_texts
 
@@ -122,3 +122,39 @@ def test_student_tokenizer_that_does_not_match_the_data_is_one_line(workspace, s
     proc = finetune(sib200_dir, "--model", workspace / "bert", "--out", workspace / "bad_tok", "--languages", "sat_Olck",
                     ranks=1, check=False)
     assert proc.returncode == 2 and "to unk" in proc.stderr.strip().splitlines()[-1]
+
+
+FUNCTION_WORDS = {"के", "में", "की", "से", "है", "और", "का", "को", "पर", "ने", "एक", "यह", "हैं", "भी", "कि", "था"}
+
+
+def tag_of(word: str) -> str:
+    if any(c.isdigit() for c in word):
+        return "NUM"
+    if not any(c.isalnum() for c in word):
+        return "PUNCT"
+    return "FUNC" if word in FUNCTION_WORDS else "WORD"
+
+
+def test_token_classification_teacher_and_distilled_student(workspace, sib200_dir):
+    """Tagging through the same stage: a BERT token-classification teacher, then a student distilled word by word."""
+    data = workspace / "tagging" / "hin_Deva"
+    data.mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = [json.dumps({"tokens": t.split(), "tags": [tag_of(w) for w in t.split()]}, ensure_ascii=False)
+                 for t in read_sib200_texts(sib200_dir, "hin_Deva", split)[:200]]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tagging = ["--data-dir", workspace / "tagging", "--kind", "token"]
+    finetune(sib200_dir, "--model", workspace / "bert", "--out", workspace / "tag_teacher", *tagging, "train.max_steps=40",
+             "train.micro_batch_size=16", "optim.lr=0.003", "train.eval_every_steps=20", ranks=1)
+    meta = json.loads((workspace / "tag_teacher" / "hf_best" / "megadistill.json").read_text())
+    assert meta["labels"] == ["FUNC", "NUM", "PUNCT", "WORD"]
+    # Word-level dev accuracy (first sub-tokens) beats always answering the majority tag.
+    words = [tag_of(w) for t in read_sib200_texts(sib200_dir, "hin_Deva", "dev")[:200] for w in t.split()]
+    majority = 100 * max(words.count(t) for t in set(words)) / len(words)
+    assert meta["best"]["dev"]["accuracy"] > majority + 5
+    out = workspace / "tag_student"
+    finetune(sib200_dir, "--model", workspace / "bert", "--out", out, "--seed", "4", *tagging, "--teacher",
+             workspace / "tag_teacher" / "hf_best", "--alpha", "0.5")
+    model = AutoModelForTokenClassification.from_pretrained(out / "hf")
+    assert [model.config.id2label[i] for i in range(4)] == ["FUNC", "NUM", "PUNCT", "WORD"]
+    assert min(losses(out, key="kd")) > 0

@@ -156,7 +156,7 @@ def test_objective_is_alpha_ce_plus_one_minus_alpha_kd_over_the_global_count():
              "labels": torch.tensor([0, 2, -100])}
     objective = ClassifyObjective(FixedLogits(table), ClassifySpec(3, alpha=0.2, kd_loss="kl", temperature=2.0))
     assert objective.counts(batch) == {"ce_tokens": 2, "kd_tokens": 2}
-    out = objective(batch, TeacherSignal(logits=teacher), 0, LossNormalizer(ce_tokens=4.0, kd_tokens=4.0))
+    out = objective(batch, TeacherSignal(logits=teacher[:2]), 0, LossNormalizer(ce_tokens=4.0, kd_tokens=4.0))
     student = table[[0, 1]]
     ce = F.cross_entropy(student, torch.tensor([0, 2]), reduction="sum")
     kd = class_logit_kd(student, teacher[:2], "kl", 2.0).sum()
@@ -165,9 +165,11 @@ def test_objective_is_alpha_ce_plus_one_minus_alpha_kd_over_the_global_count():
     assert metrics["accuracy"] == pytest.approx(50.0) and metrics["examples"] == 2
     # alpha = 1: the teacher's logits change nothing.
     plain = ClassifyObjective(FixedLogits(table), ClassifySpec(3, alpha=1.0))
-    a = plain(batch, TeacherSignal(logits=teacher), 0, LossNormalizer(2.0, 2.0))["loss"]
+    a = plain(batch, TeacherSignal(logits=teacher[:2]), 0, LossNormalizer(2.0, 2.0))["loss"]
     b = plain(batch, TeacherSignal(), 0, LossNormalizer(2.0, 2.0))["loss"]
     assert a.item() == b.item() == pytest.approx((ce / 2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="labelled rows"):
+        objective(batch, TeacherSignal(logits=teacher), 0, LossNormalizer(2.0, 2.0))
 
 
 def test_logit_cache_round_trip_and_refuses_other_data(tmp_path, sib200_dir):
@@ -189,3 +191,19 @@ def test_logit_cache_round_trip_and_refuses_other_data(tmp_path, sib200_dir):
     assert not (tmp_path / "d").exists()
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert meta["languages"] == ["hin_Deva"] and meta["examples"] == 99
+
+
+def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
+    from megadistill.data.tasks import epoch_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=400)
+    order = epoch_order(400, 3, 0, lengths, global_batch=8, group_batches=10)
+    assert sorted(order.tolist()) == list(range(400))
+    spread = lambda o: np.mean([np.ptp(lengths[o[i:i + 8]]) for i in range(0, 400, 8)])  # noqa: E731
+    assert spread(order) < 0.25 * spread(epoch_order(400, 3, 0))
+    assert not np.array_equal(order, epoch_order(400, 3, 1, lengths, 8, 10))
+    # A resumed run reads the same grouped batches.
+    a = task_train_indices(0, 1, 2, 4, 400, 3, lengths)
+    steps = [next(a) for _ in range(60)]
+    assert next(task_train_indices(57 * 8, 1, 2, 4, 400, 3, lengths)) == steps[57]

@@ -9,7 +9,8 @@
     python tools/finetune.py --model runs/pre/hf --teacher runs/task/teacher/hf_best --alpha 0.5 --protocol cpu \
         --seed 1 --out runs/task/student_a0.5_s1 --data-dir ../shared/data/sib200 --languages hin_Deva ...
 
-Decoders (Gemma 3, Llama, Qwen) get ``AutoModelForSequenceClassification``'s last-token pooling,
+``--kind token`` fine-tunes ``AutoModelForTokenClassification`` on ``<lang>/{train,dev}.jsonl`` lines
+``{"tokens": [...], "tags": [...]}`` (each word's tag on its first sub-token). Decoders (Gemma 3, Llama, Qwen) get ``AutoModelForSequenceClassification``'s last-token pooling,
 encoders the [CLS] pooling. The run directory holds ``hf_best/`` (best dev checkpoint, with its
 label map in ``config.json``), ``hf/`` (last step), metrics and checkpoints; rerunning the same
 command resumes. Runs in one process, or on several ranks with
@@ -37,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS), help="named protocol (default cpu)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the head init, data order and dropout")
+    parser.add_argument("--kind", default="sequence", choices=["sequence", "token"],
+                        help="sequence classification (SIB-200 topics) or token classification (tagged .jsonl)")
     parser.add_argument("--teacher", help="fine-tuned teacher classifier to distil from (omit: plain fine-tuning)")
     parser.add_argument("--teacher-logits", help="cached teacher logits (tools/cache_teacher_logits.py --task) instead of --teacher")
     parser.add_argument("--alpha", type=float, default=1.0, help="CE weight; KD gets 1 - alpha (default 1.0: no KD)")
@@ -64,17 +67,20 @@ def train_argv(args: argparse.Namespace, num_train: int, world_size: int) -> lis
             f"run_dir={args.out}", "student.init=checkpoint", f"student.checkpoint={args.model}",
             f"task.data_dir={args.data_dir}", f"task.languages={languages}", f"task.alpha={args.alpha}",
             f"task.kd_loss={args.kd_loss}", f"task.temperature={args.temperature}", f"train.seed={args.seed}",
+            f"task.kind={args.kind}",
             *teacher, *protocol_overrides(args.protocol, num_train, world_size), *args.overrides]
 
 
 def main(argv=None) -> int:
     from megadistill import distributed, train
+    from megadistill.data.tagging import load_tagged_split
     from megadistill.data.tasks import load_split
 
     args = parse_args(argv)
     if args.teacher is None and args.teacher_logits is None and args.alpha != 1.0:
         raise ValueError(f"--alpha {args.alpha} distils from a teacher: pass --teacher or --teacher-logits (or --alpha 1)")
-    num_train = len(load_split(args.data_dir, args.languages, "train"))
+    loader = load_tagged_split if args.kind == "token" else load_split
+    num_train = len(loader(args.data_dir, args.languages, "train"))
     return train.main(train_argv(args, num_train, distributed.world_size()))
 
 

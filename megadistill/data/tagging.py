@@ -256,3 +256,69 @@ def collate_tagged(examples: list[dict], pad_id: int, ignore_index: int = IGNORE
         labels[row, :length] = torch.as_tensor(np.asarray(example["labels"]), dtype=torch.int64)
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def load_tagged_split(data_dir: str | Path, languages: Sequence[str], split: str) -> TaggedSplit:
+    """``<data_dir>/<lang>/<split>.jsonl`` of every language, concatenated in order.
+
+    Tags come from ``<data_dir>/<lang>/labels.txt`` when present, else from that language's
+    ``train.jsonl`` (so dev/test tags outside the training tags are refused).
+
+    Raises:
+        FileNotFoundError: a missing language directory or split file.
+        ValueError: bad lines (see :func:`read_tagged_jsonl`), or tag sets that differ between languages.
+    """
+    from megadistill.data.tasks import read_labels
+
+    parts = []
+    for lang in languages:
+        directory = Path(data_dir) / lang
+        labels_file = directory / "labels.txt"
+        label_set = read_labels(labels_file) if labels_file.is_file() else None
+        if label_set is None and split != "train":
+            label_set = read_tagged_jsonl(directory / "train.jsonl", None).label_set
+        parts.append(read_tagged_jsonl(directory / f"{split}.jsonl", label_set))
+    for part in parts[1:]:
+        if part.label_set.names != parts[0].label_set.names:
+            raise ValueError(f"tag sets differ: {parts[0].label_set.source} has {list(parts[0].label_set.names)}, "
+                             f"{part.label_set.source} has {list(part.label_set.names)}")
+    return TaggedSplit([w for p in parts for w in p.words], [t for p in parts for t in p.tags],
+                       [i for p in parts for i in p.ids], parts[0].label_set, [s for p in parts for s in p.sources])
+
+
+class TaggedBatches:
+    """Token-classification micro-batches for the task stage: student (and teacher) tokens with word-aligned tags.
+
+    Args:
+        student: :func:`encode_tagged` examples in the student's tokenization.
+        student_pad_id: its pad id.
+        teacher: the same examples in the teacher's tokenization, or None (no online teacher).
+        teacher_pad_id: the teacher's pad id.
+        world_size: data-parallel ranks (for ``samples``).
+
+    ``self(indices)`` (``-1`` = padding slot, all its labels ignored) returns :func:`collate_tagged`'s
+    ``input_ids``/``attention_mask``/``labels`` ``[B, L]``, ``example_ids``, ``samples`` and with a
+    teacher ``teacher_input_ids``/``teacher_attention_mask``/``teacher_labels`` ``[B, Lt]``: the
+    labelled positions of both are the first sub-tokens of the same words, in the same order.
+    """
+
+    def __init__(self, student: list[dict], student_pad_id: int, teacher: list[dict] | None = None,
+                 teacher_pad_id: int = 0, world_size: int = 1):
+        self.student, self.student_pad_id = student, student_pad_id
+        self.teacher, self.teacher_pad_id, self.world_size = teacher, teacher_pad_id, world_size
+
+    @staticmethod
+    def _rows(examples: list[dict], indices: list[int]) -> list[dict]:
+        rows = []
+        for i in indices:
+            example = examples[max(i, 0)]
+            rows.append(example if i >= 0 else {**example, "labels": np.full_like(example["labels"], IGNORE_INDEX)})
+        return rows
+
+    def __call__(self, indices: list[int]) -> dict:
+        batch = collate_tagged(self._rows(self.student, indices), self.student_pad_id)
+        batch.update(example_ids=list(indices), samples=self.world_size * sum(i >= 0 for i in indices))
+        if self.teacher is not None:
+            teacher = collate_tagged(self._rows(self.teacher, indices), self.teacher_pad_id)
+            batch.update({f"teacher_{k}": v for k, v in teacher.items()})
+        return batch

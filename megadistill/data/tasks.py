@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["EncodedTexts", "LabelSet", "TaskBatches", "TaskSplit", "encode_texts", "load_split", "read_jsonl",
-           "read_labels", "read_tsv", "split_from_hf", "task_eval_indices", "task_train_indices"]
+           "epoch_order", "read_labels", "read_tsv", "split_from_hf", "task_eval_indices", "task_train_indices"]
 
 SPLITS = ("train", "dev", "test")
 
@@ -341,31 +341,56 @@ def _truncate(row: list[int], max_len: int, tokenizer) -> list[int]:
     return row[:max_len]
 
 
+def epoch_order(num_examples: int, seed: int, epoch: int, lengths: Sequence[int] | None = None,
+                global_batch: int = 1, group_batches: int = 50) -> np.ndarray:
+    """The order of the examples in one epoch: a permutation seeded by ``(seed, epoch)``.
+
+    With ``lengths`` (tokens per example) the permutation is cut into groups of ``group_batches``
+    global batches, each group sorted longest first and cut into global batches, and the batches
+    shuffled (seeded by ``(seed, epoch, 1)``): batches hold examples of similar length, so right
+    padding wastes little compute (HF ``Trainer``'s ``group_by_length`` does the same), and the
+    order still depends only on the seed.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    if lengths is None:
+        return order
+    lengths = np.asarray(lengths)
+    size = group_batches * global_batch
+    groups = [order[i:i + size] for i in range(0, num_examples, size)]
+    order = np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
+    batches = [order[i:i + global_batch] for i in range(0, num_examples, global_batch)]
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return np.concatenate([batches[i] for i in shuffle])
+
+
 def task_train_indices(consumed_samples: int, rank: int, world_size: int, micro_batch_size: int,
-                       num_examples: int, seed: int) -> Iterator[list[int]]:
+                       num_examples: int, seed: int, lengths: Sequence[int] | None = None) -> Iterator[list[int]]:
     """This rank's example indices of each training micro-batch from ``consumed_samples`` on (endless epochs).
 
-    Global sample ``p`` is example ``perm_e[p % N]`` of epoch ``e = p // N``, with ``perm_e`` a
-    permutation seeded by ``(seed, e)``; each micro-step takes ``world_size * micro_batch_size``
-    consecutive samples and rank ``r`` the ``r``-th block (as :mod:`megadistill.data.sampler`).
-    So the order depends only on the seed and the consumed-sample count: a resumed run, and two
-    runs that differ only in their loss (``alpha``), read exactly the same examples.
+    Global sample ``p`` is example ``order_e[p % N]`` of epoch ``e = p // N``, with ``order_e`` from
+    :func:`epoch_order` (grouped by ``lengths`` when given); each micro-step takes ``world_size *
+    micro_batch_size`` consecutive samples and rank ``r`` the ``r``-th block (as
+    :mod:`megadistill.data.sampler`). So the order depends only on the seed and the consumed-sample
+    count: a resumed run, and two runs that differ only in their loss (``alpha``), read exactly the
+    same examples.
     """
     if num_examples < 1:
         raise ValueError("no training examples")
-    perms: dict[int, np.ndarray] = {}
+    orders: dict[int, np.ndarray] = {}
+    global_batch = world_size * micro_batch_size
 
     def example(position: int) -> int:
         epoch = position // num_examples
-        if epoch not in perms:
-            perms.clear()  # keep at most the current epoch's permutation (and the next)
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num_examples)
-        return int(perms[epoch][position % num_examples])
+        if epoch not in orders:
+            if len(orders) > 1:
+                orders.pop(min(orders))  # a micro-batch spans at most two epochs
+            orders[epoch] = epoch_order(num_examples, seed, epoch, lengths, global_batch)
+        return int(orders[epoch][position % num_examples])
 
     while True:
         start = consumed_samples + rank * micro_batch_size
         yield [example(p) for p in range(start, start + micro_batch_size)]
-        consumed_samples += world_size * micro_batch_size
+        consumed_samples += global_batch
 
 
 def task_eval_indices(num_examples: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

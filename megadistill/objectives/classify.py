@@ -66,7 +66,9 @@ class ClassifyObjective(torch.nn.Module):
     """The student classifier plus its task loss; what the student engine wraps.
 
     ``forward(batch, signal, step, normalizer)`` reads ``input_ids``/``attention_mask`` ``[B, L]`` int64
-    and ``labels`` ``[B]`` int64 (``-100`` = padding slot) and returns ``{"loss": fp32 scalar,
+    and ``labels``: ``[B]`` int64 for sequence classification (``-100`` = padding slot), or ``[B, L]``
+    for token classification (the tag at each word's first sub-token, ``-100`` elsewhere); the
+    teacher signal's ``logits`` are ``[N, C]``, one row per label != -100 in row-major order. Returns ``{"loss": fp32 scalar,
     "stats": {name: fp32 scalar sum}}``: ``ce_sum``, ``kd_sum``, ``examples``, ``correct`` and per
     class ``tp_<c>``, ``pred_<c>``, ``gold_<c>`` (for macro-F1 over the global batch).
     """
@@ -80,7 +82,7 @@ class ClassifyObjective(torch.nn.Module):
         return self.spec
 
     def counts(self, batch: dict) -> dict[str, int]:
-        """Labelled examples of a micro-batch, for CE and KD alike (from CPU labels: no device sync)."""
+        """Labelled rows (examples, or tagged words) of a micro-batch, for CE and KD alike (CPU labels: no device sync)."""
         n = int((batch["labels"] != IGNORE_INDEX).sum())
         return {"ce_tokens": n, "kd_tokens": n}
 
@@ -94,8 +96,10 @@ class ClassifyObjective(torch.nn.Module):
         ce_sum = F.cross_entropy(student, gold, reduction="sum")
         kd_sum = torch.zeros((), device=device)
         if signal.logits is not None:
-            kd_sum = class_logit_kd(student, signal.logits.to(device)[rows], self.spec.kd_loss,
-                                    self.spec.temperature).sum()
+            if signal.logits.shape[0] != student.shape[0]:
+                raise ValueError(f"teacher gives {signal.logits.shape[0]} labelled rows, the student {student.shape[0]}: "
+                                 "truncation kept different words; raise task.max_len_tokens")
+            kd_sum = class_logit_kd(student, signal.logits.to(device), self.spec.kd_loss, self.spec.temperature).sum()
         loss = torch.zeros((), device=device)
         if normalizer is not None:
             loss = self.spec.alpha * ce_sum / normalizer.ce_tokens

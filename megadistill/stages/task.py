@@ -19,6 +19,7 @@ import torch
 
 from megadistill import checkpoint, distributed, engine
 from megadistill.config import RunConfig, to_dict
+from megadistill.data.tagging import TaggedBatches, encode_tagged, load_tagged_split
 from megadistill.data.tasks import (EncodedTexts, LabelSet, TaskBatches, TaskSplit, encode_texts, load_split,
                                     task_eval_indices, task_train_indices)
 from megadistill.models.teacher import count_parameters, resolve_teacher
@@ -40,15 +41,18 @@ def _resolve(spec: str, cache_dir: str | None) -> Path:
     return resolve_teacher(spec, cache_dir)
 
 
-def _is_classifier(config) -> bool:
-    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+HEAD_SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+
+
+def _is_classifier(config, kind: str = "sequence") -> bool:
+    return any(name.endswith(HEAD_SUFFIX[kind]) for name in (config.architectures or []))
 
 
 def _labels_of(config) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def check_classifier_config(directory: Path, label_set: LabelSet, role: str):
+def check_classifier_config(directory: Path, label_set: LabelSet, role: str, kind: str = "sequence"):
     """The HF config of ``directory``, checked before any weights load.
 
     Raises:
@@ -58,18 +62,20 @@ def check_classifier_config(directory: Path, label_set: LabelSet, role: str):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory)
-    if role != "student" and not _is_classifier(config):
-        raise ValueError(f"{role} checkpoint {directory} has no classification head (architectures "
+    if role != "student" and not _is_classifier(config, kind):
+        raise ValueError(f"{role} checkpoint {directory} has no {kind} classification head (architectures "
                          f"{config.architectures}): fine-tune one first with tools/finetune.py --model {directory} "
                          f"--data-dir <task dir> --languages ... --out <dir>, then pass teacher.path=<dir>/hf_best")
-    if _is_classifier(config) and _labels_of(config) != list(label_set.names):
+    if _is_classifier(config, kind) and _labels_of(config) != list(label_set.names):
         raise ValueError(f"{role} checkpoint {directory}: labels {_labels_of(config)} (config.json id2label) differ "
                          f"from the task's {list(label_set.names)} ({label_set.source})")
     return config
 
 
-def load_classifier(directory: Path, label_set: LabelSet, role: str):
-    """A ``*ForSequenceClassification`` model and its tokenizer (pad id set on the config for last-token pooling).
+def load_classifier(directory: Path, label_set: LabelSet, role: str, kind: str = "sequence"):
+    """A ``*ForSequenceClassification`` (``kind="token"``: ``*ForTokenClassification``) model and its tokenizer.
+
+    The tokenizer's pad id is set on the config (decoders pool the last non-pad token).
 
     A teacher (any ``role`` but ``"student"``) must be a fine-tuned classifier with the task's labels;
     a student without a head gets a new one (``num_labels``, ``id2label`` from ``label_set``).
@@ -77,13 +83,14 @@ def load_classifier(directory: Path, label_set: LabelSet, role: str):
     Raises:
         ValueError: as :func:`check_classifier_config`, or a tokenizer with neither pad nor EOS token.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-    config = check_classifier_config(directory, label_set, role)
+    config = check_classifier_config(directory, label_set, role, kind)
     names = list(label_set.names)
-    kwargs = {} if _is_classifier(config) else {"num_labels": len(names), "id2label": label_set.id2label,
-                                                "label2id": {n: i for i, n in enumerate(names)}}
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    kwargs = {} if _is_classifier(config, kind) else {"num_labels": len(names), "id2label": label_set.id2label,
+                                                      "label2id": {n: i for i, n in enumerate(names)}}
+    auto = AutoModelForTokenClassification if kind == "token" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(directory, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -93,7 +100,7 @@ def load_classifier(directory: Path, label_set: LabelSet, role: str):
     return model, tokenizer
 
 
-def check_student_tokenizer(encoded: EncodedTexts, model: torch.nn.Module, directory: Path, split: TaskSplit) -> None:
+def check_student_tokenizer(encoded: EncodedTexts, model: torch.nn.Module, directory: Path, languages: str) -> None:
     """Refuse a student whose tokenizer does not fit the task data or its own embeddings.
 
     Raises:
@@ -107,7 +114,7 @@ def check_student_tokenizer(encoded: EncodedTexts, model: torch.nn.Module, direc
                          "tokenizer and model do not match")
     if encoded.unk_rate > MAX_UNK_RATE:
         raise ValueError(f"student {directory}: its tokenizer maps {100 * encoded.unk_rate:.1f}% of the tokens of "
-                         f"{', '.join(sorted(set(split.languages)))} to unk (limit {100 * MAX_UNK_RATE:.0f}%): its vocabulary "
+                         f"{languages} to unk (limit {100 * MAX_UNK_RATE:.0f}%): its vocabulary "
                          "was trimmed to other text; pre-distil a student on these languages (stage pre)")
 
 
@@ -150,21 +157,49 @@ def _open_teacher(cfg: RunConfig, spec: ClassifySpec, train: TaskSplit):
         cache.check_compatible(train, cfg.task.max_len_tokens)
         return cache
     directory = _resolve(cfg.teacher.path, cfg.teacher.cache_dir)
-    check_classifier_config(directory, train.label_set, "teacher")
+    check_classifier_config(directory, train.label_set, "teacher", cfg.task.kind)
     return directory
 
 
-def _teacher_signal(cfg: RunConfig, source, train: TaskSplit, ds: dict, device):
+def _teacher_signal(cfg: RunConfig, source, train, ds: dict, device):
     """The training teacher signal, the teacher's encodings and pad id (online only), and its parameter counts."""
     if source is None:
         return NoTeacher(), None, None, None
     if not isinstance(source, Path):
         return CachedClassTeacher(source, device), None, None, None
-    teacher, tokenizer = load_classifier(source, train.label_set, "teacher")
-    encoded = encode_texts(train.texts, tokenizer, cfg.task.max_len_tokens)
+    teacher, tokenizer = load_classifier(source, train.label_set, "teacher", cfg.task.kind)
+    encoded = _encode(cfg.task.kind, train, tokenizer, cfg.task.max_len_tokens)
     params = count_parameters(teacher)
     teacher_engine = engine.init_teacher(ClassifierBody(teacher), ds)
     return ClassifierTeacher(teacher_engine, device), encoded, tokenizer.pad_token_id, params
+
+
+def _load(task, split: str):
+    """A :class:`TaskSplit` (sequence) or :class:`~megadistill.data.tagging.TaggedSplit` (token) of ``task.languages``."""
+    if task.kind == "token":
+        return load_tagged_split(task.data_dir, task.languages, split)
+    return load_split(task.data_dir, task.languages, split)
+
+
+def _encode(kind: str, split, tokenizer, max_len_tokens: int):
+    """:class:`EncodedTexts` (sequence) or :func:`encode_tagged` examples (token) of ``split``."""
+    return encode_tagged(split, tokenizer, max_len_tokens) if kind == "token" else encode_texts(split.texts, tokenizer, max_len_tokens)
+
+
+def _ids_of(encoded, tokenizer) -> EncodedTexts:
+    """The token ids of either encoding as :class:`EncodedTexts` (for the tokenizer check)."""
+    if isinstance(encoded, EncodedTexts):
+        return encoded
+    ids = [e["input_ids"] for e in encoded]
+    unk = tokenizer.unk_token_id
+    return EncodedTexts(ids, sum(e["lost_words"] > 0 for e in encoded),
+                        0 if unk is None else int(sum(int((row == unk).sum()) for row in ids)), int(sum(map(len, ids))))
+
+
+def _batch_maker(kind: str, split, encoded, pad_id: int, teacher=None, teacher_pad: int = 0, world: int = 1):
+    if kind == "token":
+        return TaggedBatches(encoded, pad_id, teacher, teacher_pad, world)
+    return TaskBatches(encoded, split.labels, pad_id, teacher, teacher_pad, world)
 
 
 def _spec(cfg: RunConfig, num_labels: int) -> ClassifySpec:
@@ -212,38 +247,40 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         ValueError / FileNotFoundError: bad task files, labels, student, teacher or cache (naming them).
     """
     task, run_dir = cfg.task, Path(cfg.run_dir)
-    train, dev = load_split(task.data_dir, task.languages, "train"), load_split(task.data_dir, task.languages, "dev")
+    train, dev = _load(task, "train"), _load(task, "dev")
     if dev.label_set.names != train.label_set.names:
         raise ValueError(f"label sets differ between splits: {train.label_set.source} vs {dev.label_set.source}")
     spec = _spec(cfg, len(train.label_set))
     teacher_source = _open_teacher(cfg, spec, train)
     student_dir = _resolve(cfg.student.checkpoint, cfg.teacher.cache_dir)
-    student, tokenizer = load_classifier(student_dir, train.label_set, "student")
-    train_ids = encode_texts(train.texts, tokenizer, task.max_len_tokens)
-    dev_ids = encode_texts(dev.texts, tokenizer, task.max_len_tokens)
-    check_student_tokenizer(train_ids, student, student_dir, train)
+    student, tokenizer = load_classifier(student_dir, train.label_set, "student", task.kind)
+    train_ids = _encode(task.kind, train, tokenizer, task.max_len_tokens)
+    dev_ids = _encode(task.kind, dev, tokenizer, task.max_len_tokens)
+    check_student_tokenizer(_ids_of(train_ids, tokenizer), student, student_dir, ", ".join(task.languages))
     freeze(student, task.freeze_embeddings, task.train_top_layers)
     ds = engine.build_ds_config(ds_config, cfg.train, cfg.optim, distributed.world_size())
     student_params = count_parameters(student)
     student_engine = engine.init_student(ClassifyObjective(student, spec), ds, cfg.train, cfg.optim)
     teacher, teacher_ids, teacher_pad, teacher_params = _teacher_signal(cfg, teacher_source, train, ds, student_engine.device)
-    log.info("task: %d train / %d dev examples (%s), %d labels; alpha %.2f, kd %s, T %.1f; teacher signal: %s; "
-             "%d train texts cut at %d tokens", len(train), len(dev), ",".join(task.languages), len(train.label_set),
-             spec.alpha, spec.kd_loss, spec.temperature, teacher.kind, train_ids.truncated, task.max_len_tokens)
+    truncated = _ids_of(train_ids, tokenizer).truncated
+    log.info("task (%s): %d train / %d dev examples (%s), %d labels; alpha %.2f, kd %s, T %.1f; teacher signal: %s; "
+             "%d train examples cut at %d tokens", task.kind, len(train), len(dev), ",".join(task.languages),
+             len(train.label_set), spec.alpha, spec.kd_loss, spec.temperature, teacher.kind, truncated, task.max_len_tokens)
 
     rank, world, mbs = distributed.rank(), distributed.world_size(), cfg.train.micro_batch_size
-    make_train = TaskBatches(train_ids, train.labels, tokenizer.pad_token_id, teacher_ids, teacher_pad or 0, world)
-    make_dev = TaskBatches(dev_ids, dev.labels, tokenizer.pad_token_id, world_size=world)
+    lengths = [len(ids) for ids in _ids_of(train_ids, tokenizer).ids] if task.group_by_length else None
+    make_train = _batch_maker(task.kind, train, train_ids, tokenizer.pad_token_id, teacher_ids, teacher_pad or 0, world)
+    make_dev = _batch_maker(task.kind, dev, dev_ids, tokenizer.pad_token_id, world=world)
 
     def export(out_dir: Path, extra: dict | None = None) -> None:
         checkpoint.export_hf(student, tokenizer, out_dir, _export_files(cfg, student_dir, train.label_set, extra or {}))
 
     info = {"parameters": {"student": student_params, "teacher": teacher_params}, "protocol": task.protocol,
             "labels": list(train.label_set.names), "train_examples": len(train), "dev_examples": len(dev),
-            "truncated_train_examples": train_ids.truncated, "teacher_mode": teacher.kind, "alpha": spec.alpha}
+            "truncated_train_examples": truncated, "kind": task.kind, "teacher_mode": teacher.kind, "alpha": spec.alpha}
     return StageRun(engine=student_engine, teacher=teacher, eval_teacher=NoTeacher(), metrics=classify_metrics,
                     train_batches=lambda consumed: (make_train(i) for i in task_train_indices(
-                        consumed, rank, world, mbs, len(train), cfg.train.seed)),
+                        consumed, rank, world, mbs, len(train), cfg.train.seed, lengths)),
                     tokens_per_sample=task.max_len_tokens,
                     eval_batches=lambda: (make_dev(i) for i in task_eval_indices(len(dev), rank, world, mbs)),
                     export=export, info=info, on_eval=_best_exporter(run_dir, task.select_metric, export))
