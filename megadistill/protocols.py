@@ -46,8 +46,8 @@ class Protocol:
 
 PROTOCOLS = {
     "paper": Protocol("paper", epochs=20, global_batch=16, lr=1e-5, max_len_tokens=164, seeds=5),
-    "cpu": Protocol("cpu", epochs=2, global_batch=16, lr=1e-4, max_len_tokens=128, seeds=3, freeze_embeddings=True,
-                    train_top_layers=4, evals_per_epoch=4),
+    "cpu": Protocol("cpu", epochs=1, global_batch=16, lr=1e-4, max_len_tokens=128, seeds=3, freeze_embeddings=True,
+                    train_top_layers=4, evals_per_epoch=2),
 }
 
 
