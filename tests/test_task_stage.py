@@ -113,7 +113,7 @@ def test_teacher_without_classification_head_is_one_line(workspace, sib200_dir):
     proc = finetune(sib200_dir, "--model", workspace / "student_lm", "--teacher", workspace / "teacher_lm", "--alpha", "0.5",
                     "--out", workspace / "bad", ranks=1, check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "has no classification head" in lines[-1] and "tools/finetune.py" in lines[-1]
+    assert proc.returncode == 2 and "has no sequence classification head" in lines[-1] and "tools/finetune.py" in lines[-1]
     assert not any("Traceback" in line for line in lines)
 
 
