@@ -10,7 +10,6 @@ logs the total, so evaluation can score them as errors instead of silently dropp
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megadistill.data.tasks import LabelSet
+from megadistill.data.tasks import LabelSet, json_object, right_pad
 
 __all__ = ["IGNORE_INDEX", "MISSING_WORD", "TaggedSplit", "align_word_labels", "collate_tagged", "encode_tagged",
            "read_tagged_jsonl", "word_predictions"]
@@ -54,15 +53,8 @@ class TaggedSplit:
 
 def _parse_line(raw: str, where: str) -> tuple[list[str], list[str], dict]:
     """The words and tag names of one ``.jsonl`` line, checked for shape (not yet for tag names)."""
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with fields 'tokens' and 'tags'")
+    row = json_object(raw, where, ("tokens", "tags"))
     for key in ("tokens", "tags"):
-        if key not in row:
-            raise ValueError(f"{where}: missing field {key!r}")
         if not isinstance(row[key], list):
             raise ValueError(f"{where}: field {key!r} must be a list, got {type(row[key]).__name__}")
     words, tags = row["tokens"], row["tags"]
@@ -246,15 +238,8 @@ def collate_tagged(examples: list[dict], pad_id: int, ignore_index: int = IGNORE
         if len(example["input_ids"]) != len(example["labels"]):
             raise ValueError(f"example {number}: {len(example['input_ids'])} input_ids "
                              f"but {len(example['labels'])} labels")
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.int64)
-    labels = torch.full((len(examples), width), ignore_index, dtype=torch.int64)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.int64)
-    for row, example in enumerate(examples):
-        length = len(example["input_ids"])
-        input_ids[row, :length] = torch.as_tensor(np.asarray(example["input_ids"]), dtype=torch.int64)
-        labels[row, :length] = torch.as_tensor(np.asarray(example["labels"]), dtype=torch.int64)
-        attention_mask[row, :length] = 1
+    input_ids, attention_mask = right_pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = right_pad([e["labels"] for e in examples], ignore_index)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["EncodedTexts", "LabelSet", "TaskBatches", "TaskSplit", "encode_texts", "load_split", "read_jsonl",
-           "epoch_order", "read_labels", "read_tsv", "split_from_hf", "task_eval_indices", "task_train_indices"]
+           "epoch_order", "json_object", "read_labels", "right_pad", "read_tsv", "split_from_hf", "task_eval_indices", "task_train_indices"]
 
 SPLITS = ("train", "dev", "test")
 
@@ -152,6 +152,24 @@ def read_tsv(path: str | Path, label_set: LabelSet, language: str = "") -> TaskS
     return _split(texts, labels, ids, language, label_set, str(path))
 
 
+def json_object(raw: str, where: str, fields: Sequence[str]) -> dict:
+    """One ``.jsonl`` line as a dict that has every name in ``fields``.
+
+    Raises:
+        ValueError: not JSON, not an object, or a missing field; the message starts with ``where``.
+    """
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with fields {' and '.join(map(repr, fields))}")
+    for key in fields:
+        if key not in row:
+            raise ValueError(f"{where}: missing field {key!r}")
+    return row
+
+
 def read_jsonl(path: str | Path, label_set: LabelSet | None, language: str = "") -> TaskSplit:
     """A ``.jsonl`` file: one object per line with ``text`` and ``label`` (a label name), optional ``id``, ``language``.
 
@@ -169,16 +187,7 @@ def read_jsonl(path: str | Path, label_set: LabelSet | None, language: str = "")
     for line, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not raw.strip():
             continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line}: expected a JSON object with text and label")
-        for key in ("text", "label"):
-            if key not in row:
-                raise ValueError(f"{path}:{line}: missing field {key!r}")
-        rows.append((line, row))
+        rows.append((line, json_object(raw, f"{path}:{line}", ("text", "label"))))
     if label_set is None:
         label_set = LabelSet(tuple(sorted({str(r["label"]) for _, r in rows})), f"{path} (labels seen in training)")
     texts, labels, ids, langs = [], [], [], []
@@ -306,6 +315,13 @@ class EncodedTexts:
         """Fraction of tokens that are the unknown id."""
         return self.unk_tokens / max(self.tokens, 1)
 
+    @classmethod
+    def from_ids(cls, ids: list[np.ndarray], truncated: int, tokenizer) -> EncodedTexts:
+        """Count the tokens and the unknown ids of ``ids`` (``tokenizer.unk_token_id``; none: 0)."""
+        unk = tokenizer.unk_token_id
+        unk_tokens = 0 if unk is None else int(sum(int((row == unk).sum()) for row in ids))
+        return cls(ids, truncated, unk_tokens, int(sum(len(row) for row in ids)))
+
 
 def encode_texts(texts: Sequence[str], tokenizer, max_len_tokens: int, batch_size: int = 512) -> EncodedTexts:
     """Tokenize ``texts`` with ``tokenizer`` (its special tokens added), truncated to ``max_len_tokens``.
@@ -326,9 +342,7 @@ def encode_texts(texts: Sequence[str], tokenizer, max_len_tokens: int, batch_siz
         for row in full:
             truncated += len(row) > max_len_tokens
             ids.append(np.asarray(_truncate(row, max_len_tokens, tokenizer), dtype=np.int64))
-    unk = tokenizer.unk_token_id
-    unk_tokens = 0 if unk is None else int(sum(int((row == unk).sum()) for row in ids))
-    return EncodedTexts(ids, truncated, unk_tokens, int(sum(len(row) for row in ids)))
+    return EncodedTexts.from_ids(ids, truncated, tokenizer)
 
 
 def _truncate(row: list[int], max_len: int, tokenizer) -> list[int]:
@@ -408,13 +422,13 @@ def task_eval_indices(num_examples: int, rank: int, world_size: int, micro_batch
     return out
 
 
-def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad int64 rows to ``[B, L_max]``; returns ``(ids, attention_mask)``."""
+def right_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad int64 rows to ``[B, L_max]`` int64; returns ``(padded, attention_mask)`` (mask 1 on real entries)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.from_numpy(row)
+        ids[i, :len(row)] = torch.as_tensor(np.asarray(row), dtype=torch.long)
         mask[i, :len(row)] = 1
     return ids, mask
 
@@ -444,11 +458,11 @@ class TaskBatches:
 
     def __call__(self, indices: list[int]) -> dict:
         real = [i if i >= 0 else 0 for i in indices]  # padding slots reuse example 0, with label ignored
-        input_ids, attention_mask = _pad([self.student.ids[i] for i in real], self.student_pad_id)
+        input_ids, attention_mask = right_pad([self.student.ids[i] for i in real], self.student_pad_id)
         labels = torch.tensor([int(self.labels[i]) if i >= 0 else -100 for i, _ in zip(indices, real)], dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "example_ids": list(indices), "samples": self.world_size * sum(i >= 0 for i in indices)}
         if self.teacher is not None:
-            batch["teacher_input_ids"], batch["teacher_attention_mask"] = _pad(
+            batch["teacher_input_ids"], batch["teacher_attention_mask"] = right_pad(
                 [self.teacher.ids[i] for i in real], self.teacher_pad_id)
         return batch

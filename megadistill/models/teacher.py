@@ -215,17 +215,23 @@ def load_teacher(
     return model, tokenizer
 
 
-def load_teacher_once(spec: str | Path, cache_dir: str | Path | None = None):
-    """:func:`load_teacher` on every rank, with rank 0 converting/caching a GGUF teacher first.
+def resolve_teacher_once(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """:func:`resolve_teacher` on every rank, with rank 0 converting/caching a GGUF teacher first.
 
-    The other ranks wait at a barrier and then load the cached conversion, so a GGUF file
-    is dequantized once per job, not once per rank. Returns ``(model, tokenizer)``.
+    The other ranks wait at a barrier and then find the cached conversion, so a GGUF file is
+    dequantized once per job, not once per rank.
     """
     from megadistill import distributed
 
     if distributed.is_main():
         resolve_teacher(spec, cache_dir)
     distributed.barrier()
+    return resolve_teacher(spec, cache_dir)
+
+
+def load_teacher_once(spec: str | Path, cache_dir: str | Path | None = None):
+    """:func:`load_teacher` on every rank after :func:`resolve_teacher_once`. Returns ``(model, tokenizer)``."""
+    resolve_teacher_once(spec, cache_dir)
     return load_teacher(spec, cache_dir=cache_dir)
 
 

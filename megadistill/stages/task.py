@@ -22,7 +22,7 @@ from megadistill.config import RunConfig, to_dict
 from megadistill.data.tagging import TaggedBatches, encode_tagged, load_tagged_split
 from megadistill.data.tasks import (EncodedTexts, LabelSet, TaskBatches, TaskSplit, encode_texts, load_split,
                                     task_eval_indices, task_train_indices)
-from megadistill.models.teacher import count_parameters, resolve_teacher
+from megadistill.models.teacher import count_parameters, resolve_teacher_once
 from megadistill.objectives.classify import ClassifyObjective, ClassifySpec, classify_metrics
 from megadistill.stages import StageRun
 from megadistill.teachers import CachedClassTeacher, ClassifierBody, ClassifierTeacher, NoTeacher
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 
 MAX_UNK_RATE = 0.05
 """A student tokenizer that turns more of the task's tokens than this into unk does not match the data."""
-
-
-def _resolve(spec: str, cache_dir: str | None) -> Path:
-    """A local HF directory for a model spec (a GGUF teacher is converted once, on rank 0)."""
-    if distributed.is_main():
-        resolve_teacher(spec, cache_dir)
-    distributed.barrier()
-    return resolve_teacher(spec, cache_dir)
 
 
 HEAD_SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
@@ -156,7 +148,7 @@ def _open_teacher(cfg: RunConfig, spec: ClassifySpec, train: TaskSplit):
         cache = TaskLogitCache(cfg.teacher.logit_cache)
         cache.check_compatible(train, cfg.task.max_len_tokens)
         return cache
-    directory = _resolve(cfg.teacher.path, cfg.teacher.cache_dir)
+    directory = resolve_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     check_classifier_config(directory, train.label_set, "teacher", cfg.task.kind)
     return directory
 
@@ -190,10 +182,7 @@ def _ids_of(encoded, tokenizer) -> EncodedTexts:
     """The token ids of either encoding as :class:`EncodedTexts` (for the tokenizer check)."""
     if isinstance(encoded, EncodedTexts):
         return encoded
-    ids = [e["input_ids"] for e in encoded]
-    unk = tokenizer.unk_token_id
-    return EncodedTexts(ids, sum(e["lost_words"] > 0 for e in encoded),
-                        0 if unk is None else int(sum(int((row == unk).sum()) for row in ids)), int(sum(map(len, ids))))
+    return EncodedTexts.from_ids([e["input_ids"] for e in encoded], sum(e["lost_words"] > 0 for e in encoded), tokenizer)
 
 
 def _batch_maker(kind: str, split, encoded, pad_id: int, teacher=None, teacher_pad: int = 0, world: int = 1):
@@ -252,23 +241,24 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         raise ValueError(f"label sets differ between splits: {train.label_set.source} vs {dev.label_set.source}")
     spec = _spec(cfg, len(train.label_set))
     teacher_source = _open_teacher(cfg, spec, train)
-    student_dir = _resolve(cfg.student.checkpoint, cfg.teacher.cache_dir)
+    student_dir = resolve_teacher_once(cfg.student.checkpoint, cfg.teacher.cache_dir)
     student, tokenizer = load_classifier(student_dir, train.label_set, "student", task.kind)
     train_ids = _encode(task.kind, train, tokenizer, task.max_len_tokens)
     dev_ids = _encode(task.kind, dev, tokenizer, task.max_len_tokens)
-    check_student_tokenizer(_ids_of(train_ids, tokenizer), student, student_dir, ", ".join(task.languages))
+    train_tokens = _ids_of(train_ids, tokenizer)
+    check_student_tokenizer(train_tokens, student, student_dir, ", ".join(task.languages))
     freeze(student, task.freeze_embeddings, task.train_top_layers)
     ds = engine.build_ds_config(ds_config, cfg.train, cfg.optim, distributed.world_size())
     student_params = count_parameters(student)
     student_engine = engine.init_student(ClassifyObjective(student, spec), ds, cfg.train, cfg.optim)
     teacher, teacher_ids, teacher_pad, teacher_params = _teacher_signal(cfg, teacher_source, train, ds, student_engine.device)
-    truncated = _ids_of(train_ids, tokenizer).truncated
+    truncated = train_tokens.truncated
     log.info("task (%s): %d train / %d dev examples (%s), %d labels; alpha %.2f, kd %s, T %.1f; teacher signal: %s; "
              "%d train examples cut at %d tokens", task.kind, len(train), len(dev), ",".join(task.languages),
              len(train.label_set), spec.alpha, spec.kd_loss, spec.temperature, teacher.kind, truncated, task.max_len_tokens)
 
     rank, world, mbs = distributed.rank(), distributed.world_size(), cfg.train.micro_batch_size
-    lengths = [len(ids) for ids in _ids_of(train_ids, tokenizer).ids] if task.group_by_length else None
+    lengths = [len(ids) for ids in train_tokens.ids] if task.group_by_length else None
     make_train = _batch_maker(task.kind, train, train_ids, tokenizer.pad_token_id, teacher_ids, teacher_pad or 0, world)
     make_dev = _batch_maker(task.kind, dev, dev_ids, tokenizer.pad_token_id, world=world)
 
