@@ -184,6 +184,12 @@ class TrainConfig:
     """Optimizer steps between checkpoints (0: only at the end)."""
     exit_after_steps: int | None = None
     """Checkpoint and exit after this many steps in this process (time-limited jobs; resume by rerunning)."""
+    keep_checkpoints: int = 2
+    """Newest ``checkpoints/step_*`` folders kept (older ones are deleted after ``latest`` moves on; >= 1)."""
+    max_bad_steps: int = 10
+    """Consecutive skipped steps (non-finite loss or gradient norm) before the run stops with an error (>= 1)."""
+    spike_factor: float = 3.0
+    """A step whose loss exceeds this multiple of the running mean of recent losses is logged as a spike (0: off)."""
 
 
 @dataclass
@@ -368,6 +374,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.eval_max_batches > 0, "train.eval_max_batches must be > 0"),
         (cfg.train.eval_every_steps >= 0 and cfg.train.save_every_steps >= 0, "train.eval_every_steps and train.save_every_steps must be >= 0"),
         (cfg.train.exit_after_steps is None or cfg.train.exit_after_steps > 0, "train.exit_after_steps must be > 0"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "train.spike_factor must be 0 (off) or > 1"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
     ]
