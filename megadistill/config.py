@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -247,18 +248,16 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
     """Build a validated :class:`RunConfig` from a YAML recipe and ``key=value`` overrides.
 
     Raises:
-        FileNotFoundError: the recipe file does not exist.
-        ValueError: an unknown key (with the closest valid key), a malformed override,
-            a value of the wrong type, or a value out of range.
+        FileNotFoundError: the recipe file does not exist (the message names it).
+        ValueError: one line naming the file or the field: a recipe that is not UTF-8 or not valid
+            YAML (file, line and column of the problem), whose top level is not a mapping, or has a
+            non-string key; an unknown key (with the closest valid key), a malformed override, a
+            value of the wrong type (a float that is not finite, a list where a scalar is expected,
+            ...), or a value out of range.
     """
     raw: dict = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} not found: pass --config <recipe.yaml> (see megadistill/recipes/)")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"recipe {path}: top level must be a mapping of sections")
+        raw = _read_recipe(Path(recipe))
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
@@ -267,14 +266,78 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
     return cfg
 
 
+def _read_recipe(path: Path) -> dict:
+    """The top-level mapping of a YAML recipe (``{}`` for an empty file).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: not UTF-8, not valid YAML (``<path>:<line>:<column>: ...``, from yaml's
+            ``problem_mark``), nested too deeply, or a top level that is not a mapping.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found: pass --config <recipe.yaml> (see megadistill/recipes/)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    raw = _safe_yaml(text, f"recipe {path}", path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _safe_yaml(text: str, what: str, path: Path | None = None) -> Any:
+    """``yaml.safe_load(text)``, with every failure as one line of ValueError.
+
+    Args:
+        text: the YAML document.
+        what: what ``text`` is, for the message (``recipe x.yaml``, ``override train.lr``).
+        path: the file ``text`` came from: the message then starts ``<path>:<line>:<column>:``.
+    Raises:
+        ValueError: a yaml error (scanner, parser, constructor: an unsafe ``!!python`` tag, ...)
+            naming the line and column of yaml's ``problem_mark``, or nesting too deep to parse.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({' '.join(str(context).split())})" if context else problem
+        if mark is None:
+            where = what
+        elif path is not None:
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+        else:
+            where = f"{what}: column {mark.column + 1}"
+        raise ValueError(f"{where}: invalid YAML: {detail}") from None
+    except RecursionError:
+        raise ValueError(f"{what}: YAML nested too deeply to parse") from None
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
+    """``(dotted key, value)`` of a ``key=value`` override; the value is parsed as YAML (empty: None).
+
+    Raises:
+        ValueError: no ``=``, an empty key or key part (``train..x``), or a value that is not valid YAML.
+    """
     if "=" not in item:
         raise ValueError(f"override {item!r} is not key=value (example: train.max_steps=20)")
     key, text = item.split("=", 1)
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    key = key.strip()
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise ValueError(f"override {item!r}: empty key or key part (example: train.max_steps=20)")
+    return key, _safe_yaml(text, f"override {key}") if text.strip() else None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key == "a.b.c"``, creating missing sections.
+
+    Raises:
+        ValueError: a part of the key names something that is not a section.
+    """
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -285,26 +348,53 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def _build(cls: type, raw: dict, prefix: str):
+    """An instance of the config dataclass ``cls`` from the mapping ``raw`` (sections built recursively).
+
+    Raises:
+        ValueError: a key that is not a string or not a field of ``cls`` (with the closest one),
+            a section given something else than a mapping, or a value of the wrong type (:func:`_coerce`).
+    """
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ValueError(f"config key {prefix}{_short(key)} is not a name (a {type(key).__name__}); "
+                             f"valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}")
         if key not in names:
             guess = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else f" (valid: {', '.join(names)})"
-            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ValueError(f"unknown config key '{prefix}{_name(key)}'{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
-                raise ValueError(f"config key '{prefix}{key}' is a section: give it a mapping")
+                raise ValueError(f"config key '{prefix}{key}' is a section: give it a mapping, got {_short(value)}")
             kwargs[key] = _build(kind, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
     return cls(**kwargs)
 
 
+def _name(key: str, limit: int = 60) -> str:
+    """A key for an error message: escaped like ``repr`` (newlines stay on one line), cut to ``limit`` characters."""
+    text = repr(key)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """Check ``value`` against a field's annotation; ints are accepted where floats are expected."""
+    """Check ``value`` against a field's annotation; ints (and number-like strings) are accepted where floats are expected.
+
+    Raises:
+        ValueError: naming ``key``: a value of another type, a list where a scalar is expected (or
+            the other way round), a float that is not finite (``.nan``, ``.inf``, ``1e999``) or an
+            int too large for a float.
+    """
     if kind is Any:
         return value
     origin, args = get_origin(kind), get_args(kind)
@@ -315,18 +405,21 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return _coerce(value, kinds[0], key)
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
+            raise ValueError(f"config key '{key}' expects a list, got {_short(value)}")
         return [_coerce(v, args[0], key) for v in value] if args else value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it looks like.
+    if kind is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string: accept the number it looks like
+        except OverflowError:
+            raise ValueError(f"config key '{key}' expects a float, got an int too large for one ({_short(value)})") from None
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise ValueError(f"config key '{key}' expects a finite float, got {_short(value)}")
+            return number
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
+        raise ValueError(f"config key '{key}' expects {kind.__name__}, got {_short(value)}")
     return value
 
 
@@ -336,6 +429,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.stage in STAGE_NAMES, f"stage must be one of {', '.join(STAGE_NAMES)}"),
         (cfg.student.init in ("from_teacher", "random", "checkpoint"), "student.init must be from_teacher, random or checkpoint"),
         (cfg.student.init != "checkpoint" or cfg.student.checkpoint, "student.init checkpoint needs student.checkpoint (an HF directory)"),
+        (_layer_map_ok(cfg.student.layer_map),
+         f"student.layer_map must be an int > 0, 'every:k', or a list of layer indices (ints), got {_short(cfg.student.layer_map)}"),
+        (_feature_map_ok(cfg.features.layer_map),
+         f"features.layer_map must be student, uniform, 'last:k' or a list of [student, teacher] int pairs, "
+         f"got {_short(cfg.features.layer_map)}"),
         (0.0 < cfg.data.mask_prob < 1.0, "data.mask_prob must be in (0, 1)"),
         (cfg.loss.kd_positions in ("masked", "all"), "loss.kd_positions must be masked or all"),
         (cfg.data.seq_len_tokens >= 8, "data.seq_len_tokens must be >= 8"),
@@ -365,7 +463,11 @@ def validate(cfg: RunConfig) -> None:
         (min(cfg.features.hidden_weight, cfg.features.attention_weight, cfg.features.relation_weight) >= 0, "features.*_weight must be >= 0"),
         (cfg.features.relation_heads >= 0, "features.relation_heads must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (len(cfg.optim.betas) == 2 and all(0.0 <= v < 1.0 for v in cfg.optim.betas),
+         "optim.betas must have two values in [0, 1)"),
+        (cfg.optim.eps > 0, "optim.eps must be > 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)"),
         (cfg.train.micro_batch_size > 0, "train.micro_batch_size must be > 0"),
         (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be > 0"),
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
@@ -413,6 +515,30 @@ def _validate_task(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"invalid config: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_map_ok(spec: Any) -> bool:
+    """Whether ``student.layer_map`` has a shape :func:`megadistill.models.student.parse_layer_map` reads
+    (an int > 0, a string such as ``every:2`` or ``0,5,17``, or a non-empty list of ints); ranges are checked there."""
+    if _is_int(spec):
+        return spec > 0
+    if isinstance(spec, str):
+        return bool(spec.strip())
+    return isinstance(spec, (list, tuple)) and bool(spec) and all(_is_int(i) for i in spec)
+
+
+def _feature_map_ok(spec: Any) -> bool:
+    """Whether ``features.layer_map`` has a shape :mod:`megadistill.losses.features` reads
+    (``student``, ``uniform``, ``last:k``, or a non-empty list of ``[student, teacher]`` int pairs)."""
+    if isinstance(spec, str):
+        return spec in ("student", "uniform") or spec.startswith("last:")
+    return (isinstance(spec, (list, tuple)) and bool(spec)
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(i) for i in p) for p in spec))
 
 
 def _features_on(features: FeatureConfig) -> bool:

@@ -52,3 +52,89 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == cfg
+
+
+# Regression tests for what fuzzing load_config found (issue 15): each error is one line of ValueError
+# naming the file or the field, never a yaml/Unicode/Type/Overflow error with a traceback.
+
+
+def test_broken_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  max_steps: 3\n   seed: 4\n")
+    with pytest.raises(ValueError, match=r"recipe\.yaml:3:8: invalid YAML: mapping values are not allowed here") as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and err.value.__suppress_context__
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match=r"recipe\.yaml:2:1: invalid YAML: expected ',' or ']'"):
+        load_config(path)
+
+
+def test_unsafe_tag_and_non_utf8_recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("!!python/object:os.system {}\n")
+    with pytest.raises(ValueError, match=r"recipe\.yaml:1:1: invalid YAML: could not determine a constructor"):
+        load_config(path)
+    path.write_bytes(b"train: \xff\n")
+    with pytest.raises(ValueError, match=r"recipe .*recipe\.yaml: not UTF-8 text \(invalid start byte at byte 7\)"):
+        load_config(path)
+
+
+def test_missing_recipe_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"recipe .*nope\.yaml not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_non_string_keys_are_value_errors(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("1: 2\n")
+    with pytest.raises(ValueError, match=r"config key 1 is not a name \(a int\); valid keys: run_dir"):
+        load_config(path)
+    path.write_text("train:\n  null: 2\n")
+    with pytest.raises(ValueError, match=r"config key train\.None is not a name .* valid keys of train: micro_batch_size"):
+        load_config(path)
+
+
+def test_broken_override_values_and_keys():
+    with pytest.raises(ValueError, match=r"override train\.max_steps: column 2: invalid YAML"):
+        load_config(None, ["train.max_steps=["])
+    with pytest.raises(ValueError, match=r"override student\.layer_map: YAML nested too deeply"):
+        load_config(None, ["student.layer_map=" + "[" * 10000])
+    with pytest.raises(ValueError, match=r"override 'train\.\.x=1': empty key or key part"):
+        load_config(None, ["train..x=1"])
+    with pytest.raises(ValueError, match=r"override '=3': empty key"):
+        load_config(None, ["=3"])
+
+
+def test_floats_must_be_finite_and_fit():
+    base = ["data.train_prefixes=[a]"]
+    with pytest.raises(ValueError, match=r"'optim\.lr' expects a float, got an int too large for one \(1111"):
+        load_config(None, base + ["optim.lr=" + "1" * 400])
+    with pytest.raises(ValueError, match=r"'optim\.lr' expects a finite float, got inf"):
+        load_config(None, base + ["optim.lr=.inf"])
+    with pytest.raises(ValueError, match=r"'optim\.grad_clip' expects a finite float, got nan"):
+        load_config(None, base + ["optim.grad_clip=.nan"])
+    with pytest.raises(ValueError, match=r"'loss\.top_p' expects a finite float, got '1e999'"):
+        load_config(None, base + ["loss.top_p=1e999"])
+
+
+def test_layer_maps_and_optimizer_ranges():
+    base = ["data.train_prefixes=[a]"]
+    with pytest.raises(ValueError, match=r"student\.layer_map must be an int > 0, .* got \{'a': 1\}"):
+        load_config(None, base + ["student.layer_map={a: 1}"])
+    with pytest.raises(ValueError, match=r"student\.layer_map .* got \[0, 'x'\]"):
+        load_config(None, base + ["student.layer_map=[0, x]"])
+    with pytest.raises(ValueError, match=r"features\.layer_map must be student, uniform, 'last:k' .* got \[\[0\]\]"):
+        load_config(None, base + ["features.layer_map=[[0]]"])
+    assert load_config(None, base + ["features.layer_map=[[0, 0], [4, 17]]"]).features.layer_map == [[0, 0], [4, 17]]
+    for override, message in [("optim.betas=[0.9, 1.5]", "optim.betas must have two values in"),
+                              ("optim.eps=0", "optim.eps must be > 0"),
+                              ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+                              ("optim.grad_clip=-1", "optim.grad_clip must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(None, base + [override])
+
+
+def test_long_values_are_cut_in_messages():
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["train.max_steps=" + "x" * 10000])
+    assert len(str(err.value)) < 200
