@@ -12,19 +12,34 @@ through a bounded queue, :mod:`megadistill.data.encode`) and, in order, to the w
 the same order (a paired native/romanized view). The provenance written beside each dataset
 (tokenizer hash, framing, counts, characters for bits per character) lets training refuse data
 made with another tokenizer.
+
+A dataset is the triple ``PREFIX.bin`` + ``PREFIX.idx`` + ``PREFIX.json`` or nothing: every file
+of a call (both triples with ``romanize``) is written and fsynced in a temporary directory
+beside the output, then moved into place; a previous dataset at the same prefix is moved aside
+first and put back if anything fails, so an error, a full disk (:class:`DiskFullError`), a
+failed rename or SIGTERM/SIGINT (:class:`BinarizeInterrupted`) leaves the final names as they
+were and no temporary file behind (see :class:`_Staging`). Only SIGKILL or a crash of the machine
+can leave the hidden ``.PREFIX.*.tmp`` directory; it is never read and may be deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -34,13 +49,71 @@ from megadistill.data.dedup import HashSet
 from megadistill.data.encode import DocumentEncoder, EncodedBatch, encode_batches
 from megadistill.data.framing import Framing, framing_for_tokenizer
 from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
-from megadistill.data.sources import (DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, Block, SourceStats, corpus_format,
-                                      language_from_path, no_documents_error, read_blocks, sum_counts)
+from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, HF_PREFIX, Block,
+                                      SourceStats, corpus_format, language_from_path, no_documents_error, read_blocks,
+                                      sum_counts)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "megatron-mmidindex-v1"
 _EXAMPLES = 5  # locations listed per warning in the provenance
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SUFFIXES = (".bin", ".idx", ".json")  # the files of one dataset, in commit order (.json last)
+
+
+class DiskFullError(OSError):
+    """The disk or the quota filled (ENOSPC / EDQUOT) while ``binarize`` wrote; nothing was left under the final names.
+
+    ``str(err)`` is one line: the file being written (its final name), the token bytes written,
+    an estimate of the bytes still needed and the bytes free once the partial files were removed.
+
+    Attributes:
+        errno: ``errno.ENOSPC`` or ``errno.EDQUOT``.
+        path: Path, the dataset file being written when the disk filled.
+        written: int, bytes of token ids written (to ``.bin``) before the error.
+        needed: int or None, estimated further bytes to finish (None when the input size is unknown).
+        free: int, bytes free on the output's filesystem after the cleanup.
+    """
+
+    def __init__(self, code: int, message: str, path: Path, written: int, needed: int | None, free: int) -> None:
+        super().__init__(code, message)
+        self.path, self.written, self.needed, self.free = path, written, needed, free
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class BinarizeInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived while ``binarize`` wrote; raised by its signal handler so the cleanup runs.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so no ``except Exception`` swallows it.
+    ``str(err)`` is one line naming the signal and the prefix.
+
+    Attributes:
+        signum: int, the signal number (``128 + signum`` is the conventional exit code).
+    """
+
+    def __init__(self, signum: int, prefix: Path) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} while writing {prefix}; nothing was written "
+                         f"under {prefix} (a previous dataset there is unchanged)")
+
+
+class BinarizeResult(dict):
+    """What :func:`binarize` returns: the provenance dict written to ``<prefix>.json``, plus the run's throughput.
+
+    Compares equal to :func:`~megadistill.data.indexed.read_provenance` of the prefix; the
+    throughput is kept off the file (it describes the run, not the data).
+
+    Attributes:
+        seconds: float, streaming time (window: see :class:`_Progress`).
+        tokens_per_second: float, this dataset's tokens / ``seconds``: the last number the progress bar showed.
+    """
+
+    def __init__(self, meta: dict[str, Any], seconds: float, tokens_per_second: float) -> None:
+        super().__init__(meta)
+        self.seconds, self.tokens_per_second = seconds, tokens_per_second
 
 
 @dataclass
@@ -77,15 +150,20 @@ class BinarizeOptions:
     hf_config: str | None = None
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad field."""
-        if self.block_bytes < 1 or self.rows_per_block < 1:
-            raise ValueError(f"block_bytes and rows_per_block must be >= 1, got {self.block_bytes}, {self.rows_per_block}")
-        if self.processes < 0 or self.threads_per_process < 1:
-            raise ValueError(f"need processes >= 0 and threads_per_process >= 1, got {self.processes}, {self.threads_per_process}")
+        """Check the counts and the flags.
+
+        Raises:
+            ValueError: a count that is not an int or below its minimum (``processes`` >= 0;
+                ``threads_per_process``, ``block_bytes``, ``rows_per_block``, ``max_line_bytes`` >= 1),
+                or ``romanize_only`` without ``romanize``; the message names the field.
+        """
+        minimum = {"processes": 0, "threads_per_process": 1, "block_bytes": 1, "rows_per_block": 1, "max_line_bytes": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"BinarizeOptions.{name} must be an integer >= {low}, got {value!r}")
         if self.romanize_only and not self.romanize:
-            raise ValueError("romanize_only needs a romanize scheme")
-        if self.max_line_bytes < 1:
-            raise ValueError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
+            raise ValueError("BinarizeOptions.romanize_only needs a romanize scheme")
 
 
 @dataclass
@@ -101,6 +179,9 @@ class _Totals:
     mixed_script: int = 0
     mixed_examples: list[str] = field(default_factory=list)
     romanize: dict[str, int] = field(default_factory=dict)
+    control_ids: int = 0  # control-token ids inside documents' text (tokenizers that cannot keep literals as text)
+    control_documents: int = 0
+    control_examples: list[str] = field(default_factory=list)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` records dropped for ``reason``."""
@@ -109,22 +190,22 @@ class _Totals:
 
 
 class _Reader:
-    """Blocks of all inputs in order (:func:`read_blocks`); remembers which input each block in flight came from."""
+    """Blocks of all inputs in order (:func:`read_blocks`); remembers the input and raw size of each block in flight."""
 
     def __init__(self, inputs: list, options: BinarizeOptions) -> None:
         self.inputs, self.options = inputs, options
         self.stats = [SourceStats() for _ in inputs]  # per input: framing counts here + parse counts of its blocks
-        self.block_inputs: deque[int] = deque()
+        self.block_inputs: deque[tuple[int, int]] = deque()  # (input index, raw line bytes; 0 for row formats)
 
     def blocks(self) -> Iterator[Block]:
-        """Every input's blocks in order, noting each block's input in ``block_inputs``."""
+        """Every input's blocks in order, noting each block's input and raw bytes in ``block_inputs``."""
         opts = self.options
         for i, path in enumerate(self.inputs):
             for block in read_blocks(path, on_error=opts.on_error, stats=self.stats[i], text_field=opts.text_field,
                                      max_line_bytes=opts.max_line_bytes, block_bytes=opts.block_bytes,
                                      rows_per_block=opts.rows_per_block,
                                      split=opts.hf_split, config_name=opts.hf_config):
-                self.block_inputs.append(i)
+                self.block_inputs.append((i, sum(len(line) for line in block.lines or () if line)))
                 yield block
 
     def sources(self, kept: list[int]) -> list[dict[str, Any]]:
@@ -198,7 +279,9 @@ def _assemble(batch: EncodedBatch, changed: dict[int, str], rebuilt: EncodedBatc
     ids, lengths = _flat(columns[0]) if batch.lengths is not None else (None, None)
     rom_ids, rom_lengths = _flat(columns[1]) if batch.romanized_lengths is not None else (None, None)
     result = EncodedBatch(ids, lengths, rom_ids, rom_lengths, romanize_stats=batch.romanize_stats,
-                          mixed_script=batch.mixed_script, locations=batch.locations, stats=batch.stats, bytes_utf8=utf8)
+                          mixed_script=batch.mixed_script, locations=batch.locations, stats=batch.stats, bytes_utf8=utf8,
+                          control_ids_in_text=batch.control_ids_in_text, control_documents=batch.control_documents,
+                          control_locations=batch.control_locations)  # control counts: as read, like mixed_script
     if batch.romanized_char_counts is not None:
         result.romanized_char_counts = np.array(columns[2], dtype=np.int64)
         result.romanized_characters = int(result.romanized_char_counts.sum())
@@ -236,17 +319,20 @@ def binarize(
     script: str | None = None,
     tokenizer_name: str | None = None,
     show_progress: bool = True,
-) -> dict[str, Any]:
+) -> BinarizeResult:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (Megatron MMIDIDX) + ``.json`` provenance.
 
     One sequence per document: ``prefix_ids + tokenizer(text, add_special_tokens=False).input_ids +
     suffix_ids`` of :func:`~megadistill.data.framing.framing_for_tokenizer` (decoders: the
     tokenizer's BOS, if it adds one, and EOS; encoders: ``[CLS]``/``[SEP]`` or ``<s>``/``</s>``),
-    recorded as ``"framing"`` in the provenance. Token dtype is
+    recorded as ``"framing"`` in the provenance. Literal special-token strings in the text
+    (``"<eos>"``) are encoded as text; control ids a tokenizer still produces inside a document
+    are counted in ``"special_tokens_in_text"``. Token dtype is
     ``token_dtype_for_vocab(len(tokenizer))``. With ``options.romanize`` the romanized texts go
-    to ``<output_prefix>.<scheme>`` (document ``i`` of both is the same source document). Every
-    ``.bin``/``.idx`` is written to a temporary name and renamed only after all inputs were read;
-    stale ``.json`` files are removed first, so a crash never leaves new tokens beside old provenance.
+    to ``<output_prefix>.<scheme>`` (document ``i`` of both is the same source document).
+    All files appear together or not at all (module docstring, :class:`_Staging`); while they
+    are written, SIGTERM and SIGINT raise :class:`BinarizeInterrupted` (main thread only; the
+    previous handlers are restored after).
 
     Args:
         inputs: corpus files (.tsv/.txt/.jsonl/.parquet, optionally .gz/.xz/.bz2) or ``hf:`` specs,
@@ -257,15 +343,20 @@ def binarize(
         options: see :class:`BinarizeOptions`; defaults when None.
         language, script: default from ``language_from_path(inputs[0])``.
         tokenizer_name: recorded in the provenance (defaults to ``tokenizer.name_or_path``).
-        show_progress: tqdm bar on stderr (documents, documents/s, tokens, tokens/s).
+        show_progress: tqdm bar on stderr over input bytes (percentage and ETA when every input
+            is an uncompressed text file), with documents, tokens and tokens/s.
     Returns:
         The provenance dict written to ``<output_prefix>.json`` (of the romanized dataset with
-        ``romanize_only``).
+        ``romanize_only``), as a :class:`BinarizeResult` carrying the throughput.
     Raises:
         FileNotFoundError: an input is missing.
-        ValueError: no inputs, bad input (see ``read_documents``), a decoder tokenizer without
-            EOS (:func:`~megadistill.data.framing.framing_for_tokenizer`), romanization without a
-            known script or with an unknown scheme.
+        ValueError: no inputs, bad options (names the field), bad input (see ``read_documents``),
+            a decoder tokenizer without EOS (:func:`~megadistill.data.framing.framing_for_tokenizer`),
+            romanization without a known script or with an unknown scheme.
+        DiskFullError: ENOSPC / EDQUOT while writing (an ``OSError``; one-line message).
+        BinarizeInterrupted: SIGTERM or SIGINT while writing.
+        OSError: any other I/O error (a failed rename, ...). In every error case the final
+            names hold what they held before and no temporary file remains.
     """
     options = options or BinarizeOptions()
     options.validate()
@@ -281,35 +372,268 @@ def binarize(
     totals = _Totals(tokens={kind: 0 for kind in prefixes})
     reader = _Reader(list(inputs), options)
     dtype = token_dtype_for_vocab(len(tokenizer))
-    with ExitStack() as stack:
-        writers = {kind: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for kind, prefix in prefixes.items()}
-        bar = stack.enter_context(tqdm(unit="doc", file=sys.stderr, disable=not show_progress, desc=output_prefix.name))
-        kept = _stream(encoder, reader, writers, totals, bar)
-        sources = reader.sources(kept)
-        for prefix in prefixes.values():
-            Path(f"{prefix}.json").unlink(missing_ok=True)
-    base = _provenance(tokenizer, tokenizer_name, totals, reader.stats, sources, dtype.name, framing, language, script)
-    metas = {kind: _output_meta(base, kind, totals, prefixes, options) for kind in prefixes}
-    for kind, prefix in prefixes.items():
-        write_provenance(prefix, metas[kind])
+    progress = _Progress(prefixes, total=_input_bytes(inputs))
+    try:
+        with _interruptible(output_prefix) as guard:
+            staging = _Staging(output_prefix)
+            try:
+                sources = _write_tokens(encoder, reader, staging, totals, progress, dtype, show_progress)
+                base = _provenance(tokenizer, tokenizer_name, totals, reader.stats, sources, dtype.name, framing,
+                                   language, script, encoder.literal_kept_as_text)
+                metas = {kind: _output_meta(base, kind, totals, prefixes, options) for kind in prefixes}
+                _stage_provenance(metas, staging, progress)
+                with guard.deferred():  # a signal now waits for the renames to finish or roll back
+                    staging.commit(prefixes.values())
+            finally:
+                with guard.deferred():
+                    staging.remove()
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(err, progress, totals, dtype, output_prefix) from err
+        raise
     _log_warnings(metas[next(iter(metas))], output_prefix)
-    return metas["native"] if "native" in metas else metas["romanized"]
+    return BinarizeResult(metas[progress.main], progress.seconds, progress.tokens_per_second)
 
 
-def _stream(encoder: DocumentEncoder, reader: _Reader, writers: dict, totals: _Totals, bar: tqdm) -> list[int]:
+@dataclass
+class _Progress:
+    """Where a ``binarize`` call is: input bytes read of ``total``, the file being written, the throughput.
+
+    Throughput window: from the start of streaming (just before the first block is read, after
+    the tokenizer and the inputs were set up) to the moment the last batch was written to
+    ``.bin``; index, provenance and renames are not in it. ``tokens`` are those of the returned
+    dataset (``main``), so ``tokens_per_second`` is the number the progress bar shows and the
+    CLI summary prints.
+
+    Attributes:
+        finals: ``{kind: final prefix}`` of the outputs (``"native"``, ``"romanized"``).
+        total: int bytes of the inputs, or None when unknown (compressed, parquet, ``hf:``).
+        consumed: int raw bytes of the input lines written so far.
+        writing: Path, the final name of the file being written (for error messages).
+    """
+
+    finals: dict[str, Path]
+    total: int | None = None
+    consumed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    writing: Path | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> str:
+        """The output whose provenance is returned: native, or romanized with ``romanize_only``."""
+        return "native" if "native" in self.finals else "romanized"
+
+    def at(self, kind: str, suffix: str) -> None:
+        """Note that the ``suffix`` file of output ``kind`` is being written now."""
+        self.writing = Path(f"{self.finals[kind]}{suffix}")
+
+    def advance(self, nbytes: int, tokens: int) -> None:
+        """Count ``nbytes`` more input bytes written; ``tokens`` of the main output so far."""
+        self.consumed, self.tokens = self.consumed + nbytes, tokens
+        self.seconds = time.perf_counter() - self.started
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Main-output tokens per second over the window (see the class docstring)."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the input read (0..1), None when the input size is unknown."""
+        return min(self.consumed / self.total, 1.0) if self.total else None
+
+
+def _input_bytes(inputs: list) -> int | None:
+    """Total bytes of the inputs when all are uncompressed text files (tsv, txt, jsonl), else None.
+
+    Only for those do the raw line bytes the reader hands out add up to the file sizes.
+    """
+    total = 0
+    for path in inputs:
+        try:
+            if str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in COMPRESSION or corpus_format(path) == "parquet":
+                return None
+            total += Path(path).stat().st_size
+        except (OSError, ValueError):  # missing or unknown: the reader raises the proper error later
+            return None
+    return total
+
+
+def _write_tokens(encoder: DocumentEncoder, reader: _Reader, staging: "_Staging", totals: _Totals, progress: _Progress,
+                  dtype: np.dtype, show_progress: bool) -> list[dict[str, Any]]:
+    """Stream every input into finalized ``.bin``/``.idx`` files in the staging directory; returns the sources' provenance."""
+    name = next(iter(progress.finals.values())).name
+    with ExitStack() as stack:
+        writers = {kind: stack.enter_context(IndexedDatasetWriter(staging.prefix(final), dtype))
+                   for kind, final in progress.finals.items()}
+        bar = stack.enter_context(tqdm(total=progress.total, unit="B", unit_scale=True, desc=name, file=sys.stderr,
+                                       disable=not show_progress))
+        kept = _stream(encoder, reader, writers, totals, bar, progress)
+        sources = reader.sources(kept)
+        if progress.total:  # tsv headers and over-long lines are not in the blocks' bytes
+            progress.consumed = progress.total
+            bar.update(max(progress.total - bar.n, 0))
+        for kind, writer in writers.items():
+            progress.at(kind, ".idx")  # finalize also flushes the last buffered tokens of .bin
+            writer.finalize()
+    return sources
+
+
+def _stage_provenance(metas: dict[str, dict], staging: "_Staging", progress: _Progress) -> None:
+    """Write each output's provenance into the staging directory and fsync it."""
+    for kind, meta in metas.items():
+        progress.at(kind, ".json")
+        _fsync(write_provenance(staging.prefix(progress.finals[kind]), meta))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (directories: where the OS allows it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some filesystems refuse fsync on a directory; the renames still happened
+            raise
+    finally:
+        os.close(fd)
+
+
+class _Staging:
+    """A hidden temporary directory beside the output (``.PREFIX.*.tmp``) that the datasets are written in.
+
+    :meth:`commit` protocol: every staged file is complete and fsynced; each existing final file
+    (a previous dataset) is moved aside into the staging directory; then each staged file is
+    renamed to its final name, each dataset's ``.json`` after its ``.bin`` and ``.idx``; then the
+    output directory is fsynced. If any step fails, the files already placed are removed and the
+    previous ones moved back, so the final names hold exactly what they held before. Readers may
+    see a prefix without its files for the microseconds of the renames, never a mix of two datasets
+    once ``commit`` returned. :meth:`remove` deletes the directory with whatever it still holds
+    (partial files, the writer's ``.tmp`` files, a replaced previous dataset).
+
+    Args:
+        output_prefix: the (first) output prefix; the directory is made in its parent.
+    """
+
+    def __init__(self, output_prefix: Path) -> None:
+        self.parent = output_prefix.parent
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{output_prefix.name}.", suffix=".tmp", dir=self.parent))
+
+    def prefix(self, final: Path) -> Path:
+        """Where the dataset of final prefix ``final`` is staged."""
+        return self.dir / final.name
+
+    def commit(self, finals: Iterable[Path]) -> None:
+        """Move the staged datasets to their final prefixes, all or none (see the class docstring)."""
+        moves = [(self.dir / f"{p.name}{suffix}", Path(f"{p}{suffix}")) for p in finals for suffix in _SUFFIXES]
+        aside = self.dir / "previous"
+        aside.mkdir()
+        moved, placed = [], []
+        try:
+            for _, final in moves:
+                if os.path.lexists(final):
+                    os.replace(final, aside / final.name)
+                    moved.append(final)
+            for staged, final in moves:
+                os.replace(staged, final)
+                placed.append(final)
+            _fsync(self.parent)
+        except BaseException:
+            for final in placed:
+                final.unlink(missing_ok=True)
+            for final in moved:
+                os.replace(aside / final.name, final)
+            raise
+
+    def remove(self) -> None:
+        """Delete the staging directory and everything in it."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _SignalGuard:
+    """Signal handler that raises :class:`BinarizeInterrupted`, or only remembers the signal while deferred."""
+
+    def __init__(self, prefix: Path) -> None:
+        self.prefix, self.pending, self._deferring = prefix, None, False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The handler installed for SIGTERM and SIGINT."""
+        if self._deferring:
+            self.pending = signum
+            return
+        raise BinarizeInterrupted(signum, self.prefix)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block a signal is remembered, not raised (renames and cleanup must not stop halfway)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+
+@contextlib.contextmanager
+def _interruptible(prefix: Path) -> Iterator[_SignalGuard]:
+    """SIGTERM/SIGINT raise :class:`BinarizeInterrupted` within the block (main thread only; elsewhere a no-op).
+
+    The previous handlers are restored after; a signal deferred during the commit or the cleanup
+    is then sent again, so it acts as if it had come just after ``binarize`` returned.
+    """
+    guard = _SignalGuard(prefix)
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {signum: signal.signal(signum, guard.handle) for signum in _SIGNALS}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if guard.pending is not None:
+            signal.raise_signal(guard.pending)
+
+
+def _disk_full(err: OSError, progress: _Progress, totals: _Totals, dtype: np.dtype, prefix: Path) -> DiskFullError:
+    """The one-line :class:`DiskFullError` for ENOSPC/EDQUOT ``err`` (called after the staged files were removed)."""
+    path = progress.writing or Path(err.filename or prefix)
+    written = sum(totals.tokens.values()) * dtype.itemsize
+    needed = _bytes_still_needed(written, totals.documents * len(progress.finals), len(progress.finals), progress.fraction)
+    free = shutil.disk_usage(prefix.parent).free
+    what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
+    rest = (f"about {needed:,} more bytes needed (estimated after {progress.fraction:.0%} of the input)"
+            if needed is not None else "the space still needed is unknown (input size unknown)")
+    message = (f"{what} writing {path}: {written:,} bytes of tokens written, {rest}; {free:,} bytes free on "
+               f"{prefix.parent}; nothing was written under {prefix} (a previous dataset there is unchanged)")
+    return DiskFullError(err.errno, message, path, written, needed, free)
+
+
+def _bytes_still_needed(token_bytes: int, documents: int, outputs: int, fraction: float | None) -> int | None:
+    """Estimated bytes left to write: the tokens of the unread input at the rate so far, the indexes
+    (MMIDIDX: 34 + 12 n + 8 (n + 1) bytes for n documents) and ~4 KB of provenance per output."""
+    if not fraction:
+        return None
+    total = token_bytes / fraction + (42 * outputs + 20 * documents / fraction) + 4096 * outputs
+    return max(int(total - token_bytes), 0)
+
+
+def _stream(encoder: DocumentEncoder, reader: _Reader, writers: dict, totals: _Totals, bar: tqdm,
+            progress: _Progress) -> list[int]:
     """Encode every block of ``reader`` in order into ``writers``; returns the documents written per input."""
     opts, kept = reader.options, [0] * len(reader.inputs)
     seen = HashSet() if opts.dedup else None
-    started = time.perf_counter()
+    progress.started = time.perf_counter()
     for batch in encode_batches(encoder, reader.blocks(), opts.processes, opts.threads_per_process):
-        source = reader.block_inputs.popleft()
+        source, nbytes = reader.block_inputs.popleft()
         if seen is not None:
             batch = _deduplicate(batch, seen, encoder, totals)
         _merge_stats(reader.stats[source], batch.stats)
-        kept[source] += _write_batch(batch, writers, totals)
-        bar.update(batch.stats.documents)
-        tok_s = sum(totals.tokens.values()) / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(tokens=f"{sum(totals.tokens.values()):,}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        kept[source] += _write_batch(batch, writers, totals, progress)
+        progress.advance(nbytes, totals.tokens[progress.main])
+        bar.update(nbytes)
+        bar.set_postfix(docs=f"{totals.documents:,}", tokens=f"{progress.tokens:,}",
+                        tok_s=f"{progress.tokens_per_second:,.0f}", refresh=False)
     return kept
 
 
@@ -341,12 +665,14 @@ def _output_prefixes(output_prefix: Path, options: BinarizeOptions) -> dict[str,
     return prefixes
 
 
-def _write_batch(batch: EncodedBatch, writers: dict, totals: _Totals) -> int:
+def _write_batch(batch: EncodedBatch, writers: dict, totals: _Totals, progress: _Progress) -> int:
     """Append an encoded batch to the writers and fold its counters into ``totals``; returns documents written."""
     if "native" in writers:
+        progress.at("native", ".bin")
         writers["native"].add_documents(batch.ids, batch.lengths)
         totals.tokens["native"] += len(batch.ids)
     if "romanized" in writers:
+        progress.at("romanized", ".bin")
         writers["romanized"].add_documents(batch.romanized_ids, batch.romanized_lengths)
         totals.tokens["romanized"] += len(batch.romanized_ids)
         totals.romanized_characters += batch.romanized_characters
@@ -360,12 +686,21 @@ def _write_batch(batch: EncodedBatch, writers: dict, totals: _Totals) -> int:
     totals.mixed_script += len(batch.mixed_script)
     room = max(_EXAMPLES - len(totals.mixed_examples), 0)
     totals.mixed_examples += batch.locations[:room]
+    totals.control_ids += batch.control_ids_in_text
+    totals.control_documents += len(batch.control_documents)
+    totals.control_examples += batch.control_locations[:max(_EXAMPLES - len(totals.control_examples), 0)]
     return written
 
 
 def _provenance(tokenizer, tokenizer_name, totals: _Totals, stats: list[SourceStats], sources: list, dtype: str,
-                framing: Framing, language, script) -> dict[str, Any]:
-    """Provenance shared by the native and romanized outputs, in the documented key order."""
+                framing: Framing, language, script, literal_kept_as_text: bool) -> dict[str, Any]:
+    """Provenance shared by the native and romanized outputs, in the documented key order.
+
+    ``special_tokens_in_text``: ``count`` control ids found inside documents' text (0 unless the
+    tokenizer cannot encode literal special-token strings as text, ``literal_kept_as_text``
+    false), in ``documents`` documents, first ``examples`` as ``file:line``; counted over the
+    documents as read (before deduplication), native and romanized together.
+    """
     dropped = sum_counts([s.dropped for s in stats] + [totals.dropped])
     bos_id = getattr(tokenizer, "bos_token_id", None)
     return {
@@ -390,6 +725,8 @@ def _provenance(tokenizer, tokenizer_name, totals: _Totals, stats: list[SourceSt
         "dtype": dtype,
         "dropped": dropped,
         "mixed_script_documents": {"count": totals.mixed_script, "examples": totals.mixed_examples},
+        "special_tokens_in_text": {"count": totals.control_ids, "documents": totals.control_documents,
+                                   "examples": totals.control_examples, "literal_kept_as_text": literal_kept_as_text},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "megadistill_version": __version__,
     }
@@ -413,11 +750,16 @@ def _output_meta(base: dict, kind: str, totals: _Totals, prefixes: dict[str, Pat
 
 
 def _log_warnings(meta: dict, prefix: Path) -> None:
-    """Warn about mixed-script documents (kept) with the first locations."""
+    """Warn about mixed-script documents (kept) and control ids inside text, with the first locations."""
     mixed = meta["mixed_script_documents"]
     if mixed["count"]:
         logger.warning("%s: %d of %d documents are mostly not in script %s (kept), e.g. %s", prefix, mixed["count"],
                        meta["documents"], meta["script"], ", ".join(mixed["examples"]))
+    special = meta["special_tokens_in_text"]
+    if special["count"]:
+        logger.warning("%s: the tokenizer encoded literal special-token text to %d control ids inside %d documents "
+                       "(kept; it cannot encode them as text), e.g. %s", prefix, special["count"],
+                       special["documents"], ", ".join(special["examples"]))
 
 
 def group_by_language(inputs: list[str], output_dir: Path) -> dict[Path, list[str]]:

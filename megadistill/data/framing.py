@@ -88,6 +88,25 @@ def framing_for_tokenizer(tokenizer: Any) -> Framing:
     return Framing("decoder", prefix, suffix if suffix and suffix[-1] == eos else (*suffix, eos))
 
 
+def control_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's control tokens, which text must never encode to (``<eos>``, ``[SEP]``, ``<mask>``, ...).
+
+    The named special tokens (``all_special_ids``) and every added token flagged ``special``,
+    except the unknown token: ``<unk>`` stands for text the vocabulary cannot spell, so it
+    legitimately appears inside documents.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; attributes it lacks count as empty.
+    Returns:
+        A frozenset of int token ids (possibly empty).
+    """
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(i for i, token in added.items() if getattr(token, "special", False))
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return frozenset(int(i) for i in ids if i is not None)
+
+
 def _is_masked_lm_vocabulary(tokenizer: Any) -> bool:
     """True when the tokenizer has mask, CLS and SEP tokens (BERT-like vocabulary)."""
     return all(getattr(tokenizer, f"{name}_token_id", None) is not None for name in ("mask", "cls", "sep"))
