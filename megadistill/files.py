@@ -25,11 +25,42 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it (power loss, node crash)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) refuse fsync on directories; the rename itself still happened
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under ``path`` and every directory, deepest first (before renaming it into place)."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(root)
+
+
+def tree_bytes(path: str | Path) -> int:
+    """Total size in bytes of the files under ``path`` (0 when it does not exist)."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
 def _umask() -> int:
@@ -44,7 +75,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` only when the block completes.
 
     Readers see the old directory or the whole new one; on an error the temporary directory is
-    removed and an existing ``path`` is left untouched.
+    removed and an existing ``path`` is left untouched. The files are fsynced before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +83,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o777 & ~_umask())
+        fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)

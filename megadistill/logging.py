@@ -74,11 +74,27 @@ class MetricsLogger:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep only records of steps <= ``step`` in a metrics file (rewritten atomically)."""
+    """Keep only records of steps <= ``step`` in a metrics file (rewritten atomically).
+
+    A process killed mid-write leaves a torn last line: it is dropped (it belongs to a step after
+    the checkpoint). A torn line elsewhere is a corrupted file.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (names the file and line).
+    """
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record ({err.msg}): move the file aside to resume") from err
+        if record is not None and record["step"] <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 

@@ -11,8 +11,10 @@ must provide ``counts(batch) -> {"ce_tokens", "kd_tokens"}`` (from CPU tensors) 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,15 +25,23 @@ from megadistill import distributed
 from megadistill.config import TrainConfig
 from megadistill.objectives.spec import LossNormalizer
 
-__all__ = ["LoopParts", "LoopState", "evaluate", "run"]
+__all__ = ["LoopParts", "LoopState", "NonFiniteError", "evaluate", "run"]
+
+log = logging.getLogger("megadistill.loop")
 
 
 @dataclass
 class LoopState:
-    """What a checkpoint must restore besides the engine: optimizer steps done and global samples consumed."""
+    """What a checkpoint must restore besides the engine: optimizer steps done, global samples consumed,
+    and steps skipped for a non-finite loss or gradient norm (counted in ``step``: their data is consumed)."""
 
     step: int = 0
     consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_bad_steps`` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -53,6 +63,8 @@ class LoopParts:
         log: ``f(step, split, metrics)`` (e.g. :class:`megadistill.logging.MetricsLogger.log`).
         on_eval: ``f(step, metrics)`` after each held-out evaluation, on every rank (collective: e.g.
             the task stage exports its best dev checkpoint), or None.
+        stop: anything with a ``requested`` bool (:class:`megadistill.stop.GracefulStop`): when set on
+            any rank, the loop saves after the current step and returns; None: never stops early.
     """
 
     engine: object
@@ -65,6 +77,7 @@ class LoopParts:
     eval_teacher: object = None
     log: Callable[[int, str, dict], None] = field(default=lambda step, split, metrics: None)
     on_eval: Callable[[int, dict], None] | None = None
+    stop: object = None
 
 
 class _Totals:
@@ -119,11 +132,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, state: LoopState) -> dict[str, float]:
-    """One optimizer step over ``train.grad_accum_steps`` micro-batches; returns the reduced metrics.
+def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, state: LoopState) -> tuple[dict, list[dict]]:
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches.
 
     Dropout (and anything else drawing from torch's RNG) is seeded from ``(train.seed, step, rank)``,
     so a resumed run draws what the uninterrupted run drew, with no RNG state in the checkpoint.
+
+    Returns:
+        The reduced metrics (plus ``stop_requested``: how many ranks were signalled to stop) and
+        this rank's micro-batches (for the sample ids of a skipped step).
     """
     torch.manual_seed(step_seed(train.seed, state.step, distributed.rank()))
     engine = parts.engine
@@ -133,10 +150,62 @@ def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, s
     for batch in micro:
         out = engine(batch, parts.teacher.signal(batch), state.step, normalizer)
         engine.backward(out["loss"])  # the engine already scales by 1 / grad_accum_steps
-        engine.step()
+        engine.step()  # at the boundary: DeepSpeed skips the update when the gradient norm is not finite
         totals.add(out["stats"])
         state.consumed_samples += batch["samples"]
-    return parts.metrics(totals.reduce())
+    # The stop flag rides on the step's one all-reduce of the stats: every rank stops at the same step.
+    totals.add({"stop_requested": torch.tensor(float(bool(parts.stop is not None and parts.stop.requested)))})
+    reduced = totals.reduce()
+    stop_requested = reduced.pop("stop_requested")
+    metrics = parts.metrics(reduced)
+    metrics["stop_requested"] = stop_requested
+    return metrics, micro
+
+
+def sample_ids(micro: list[dict]) -> list:
+    """The window / example ids of this rank's micro-batches (``window_ids`` or ``example_ids``)."""
+    return [i for b in micro for i in b.get("window_ids", b.get("example_ids", []))]
+
+
+def _check_finite(parts: LoopParts, train: TrainConfig, state: LoopState, metrics: dict, micro: list[dict],
+                  bad_in_row: int) -> int:
+    """Count a step whose loss or gradient norm is not finite; returns the new run of bad steps in a row.
+
+    DeepSpeed's ZeRO optimizer skips the update of such a step (no parameter or LR-scheduler change;
+    ``engine.was_step_applied()`` is False). The ids of the step's samples on every rank are logged.
+
+    Raises:
+        NonFiniteError: the ``train.max_bad_steps``-th bad step in a row, or a non-finite gradient
+            norm that was applied anyway (a DeepSpeed without the skip: the parameters are lost).
+    """
+    applied = parts.engine.was_step_applied()
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and applied:
+        return 0
+    ids = distributed.all_gather_object(sample_ids(micro))  # collective, on this rare path only
+    if applied and not math.isfinite(metrics["grad_norm"]):
+        raise NonFiniteError(f"step {state.step}: non-finite gradient norm was applied (this DeepSpeed does not skip "
+                             "such steps: upgrade deepspeed); restart from the last checkpoint")
+    state.skipped_steps += int(not applied)
+    log.warning("step %d skipped: loss %s, grad norm %s (non-finite); sample ids per rank: %s (%d skipped so far)",
+                state.step, metrics["loss"], metrics["grad_norm"], ids, state.skipped_steps)
+    bad_in_row += 1
+    if bad_in_row >= train.max_bad_steps:
+        raise NonFiniteError(f"{bad_in_row} steps in a row (to step {state.step}) had a non-finite loss or gradient norm "
+                             f"(train.max_bad_steps={train.max_bad_steps}); last sample ids per rank: {ids}. Lower optim.lr "
+                             "or check the data and teacher signal; the last checkpoint is intact")
+    return bad_in_row
+
+
+def _check_spike(train: TrainConfig, state: LoopState, metrics: dict, recent: deque) -> None:
+    """Log a loss above ``train.spike_factor`` x the mean of the recent finite losses (and mark ``spike``)."""
+    loss = metrics["loss"]
+    if not math.isfinite(loss):
+        return
+    if train.spike_factor and len(recent) >= 5 and loss > train.spike_factor * (sum(recent) / len(recent)):
+        metrics["spike"] = 1.0
+        log.warning("step %d: loss spike %.4f (%.1fx the mean of the last %d steps)", state.step, loss,
+                    loss / (sum(recent) / len(recent)), len(recent))
+    recent.append(loss)
 
 
 def _step_metrics(parts: LoopParts, metrics: dict, spec, lr: float, tokens: int, seconds: float) -> dict:
@@ -152,11 +221,18 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
     """Run optimizer steps from ``state.step`` to ``train.max_steps`` (or ``exit_after_steps`` more).
 
     Evaluates every ``train.eval_every_steps`` and at ``max_steps``; saves every
-    ``train.save_every_steps`` and at the last step this process runs (so an early exit resumes).
+    ``train.save_every_steps`` and at the last step this process runs (so an early exit resumes),
+    including a step after which ``parts.stop`` was requested (SIGTERM/SIGINT) on any rank.
+    A step with a non-finite loss or gradient norm is skipped by the engine, counted in
+    ``state.skipped_steps`` and logged with its sample ids; loss spikes are logged.
 
     Returns:
-        ``{"steps_run", "train_time_s", "tokens_per_s", "tokens_per_step", "valid"}`` where ``valid``
-        is the last held-out evaluation (``{}`` when none ran).
+        ``{"steps_run", "train_time_s", "tokens_per_s", "tokens_per_step", "valid", "skipped_steps",
+        "stopped_by"}`` where ``valid`` is the last held-out evaluation (``{}`` when none ran) and
+        ``stopped_by`` the signal that stopped the run early (None otherwise).
+
+    Raises:
+        NonFiniteError: ``train.max_bad_steps`` bad steps in a row.
     """
     from megadistill.logging import progress_bar
 
@@ -165,15 +241,20 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
     stop_at = train.max_steps if train.exit_after_steps is None else min(train.max_steps, state.step + train.exit_after_steps)
     bar = progress_bar(train.max_steps, state.step, distributed.is_main())
     batches = parts.train_batches(state.consumed_samples)
-    start, steps_run, valid = time.time(), 0, {}
+    start, steps_run, valid, stopped = time.time(), 0, {}, None
+    bad_in_row, recent = 0, deque(maxlen=20)
     while state.step < stop_at:
         t0 = time.time()
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
         spec = engine.module.spec_at(state.step)
-        metrics = _train_step(parts, batches, train, state)
+        metrics, micro = _train_step(parts, batches, train, state)
         state.step += 1
         steps_run += 1
         metrics = _step_metrics(parts, metrics, spec, lr, tokens_per_step, time.time() - t0)
+        bad_in_row = _check_finite(parts, train, state, metrics, micro, bad_in_row)
+        _check_spike(train, state, metrics, recent)
+        metrics["skipped_steps"] = float(state.skipped_steps)
+        stop_requested = metrics.pop("stop_requested") > 0
         if state.step % train.log_every_steps == 0:
             parts.log(state.step, "train", metrics)
         bar.update(1)
@@ -185,9 +266,13 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
             parts.log(state.step, "valid", valid)
             if parts.on_eval is not None:
                 parts.on_eval(state.step, valid)
-        if state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
+        if stop_requested or state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
             parts.save(state)
+        if stop_requested:
+            stopped = getattr(parts.stop, "signal_name", None) or "a signal to another rank"
+            break
     bar.close()
     elapsed = time.time() - start
     return {"steps_run": steps_run, "train_time_s": elapsed, "tokens_per_step": tokens_per_step,
-            "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9), "valid": valid}
+            "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9), "valid": valid,
+            "skipped_steps": state.skipped_steps, "stopped_by": stopped}

@@ -31,6 +31,7 @@ from megadistill.config import load_config, save_config
 from megadistill.files import atomic_write_text
 from megadistill.logging import MetricsLogger, setup_console
 from megadistill.stages import STAGES
+from megadistill.stop import GracefulStop
 
 log = logging.getLogger("megadistill.train")
 # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning repeats every step.
@@ -68,14 +69,22 @@ def main(argv=None) -> int:
     metrics_logger = MetricsLogger(run_dir, distributed.is_main(), resume_step=state.step)
 
     def save(s: loop.LoopState) -> None:
-        checkpoint.save(built.engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()})
+        checkpoint.save(built.engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()}, keep=cfg.train.keep_checkpoints)
 
-    parts = loop.LoopParts(engine=built.engine, train_batches=built.train_batches, teacher=built.teacher,
-                           metrics=built.metrics, save=save, tokens_per_sample=built.tokens_per_sample,
-                           eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log,
-                           on_eval=built.on_eval)
-    totals = loop.run(parts, cfg.train, state)
-    metrics_logger.close()
+    with GracefulStop() as stop:
+        parts = loop.LoopParts(engine=built.engine, train_batches=built.train_batches, teacher=built.teacher,
+                               metrics=built.metrics, save=save, tokens_per_sample=built.tokens_per_sample,
+                               eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log,
+                               on_eval=built.on_eval, stop=stop)
+        try:
+            totals = loop.run(parts, cfg.train, state)
+        finally:
+            metrics_logger.close()
+    if totals["stopped_by"]:
+        log.info("stopped by %s after step %d of %d: checkpoint saved; rerun the same command to resume",
+                 totals["stopped_by"], state.step, cfg.train.max_steps)
+        distributed.barrier()
+        return 0
     if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
         log.info("run already complete at step %d: %s holds its export (use a new run_dir to train again)", state.step, run_dir / "hf")
         distributed.barrier()
@@ -94,13 +103,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli() -> int:
-    """Console entry point (``megadistill-train``): bad user input ends as one line naming the fix, exit code 2."""
+def cli(argv=None) -> int:
+    """Console entry point (``megadistill-train``, and ``python megadistill/train.py``).
+
+    Bad input and OS failures end as one line naming the fix instead of a traceback: config and
+    data errors (``ValueError``, ``FileNotFoundError``) exit 2; OS errors (read-only or full disk,
+    a checkpoint that could not be written: ``OSError``) and ``train.max_bad_steps`` non-finite
+    steps in a row (:class:`megadistill.loop.NonFiniteError`) exit 1.
+    """
     try:
-        return main()
+        return main(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"megadistill.train: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, loop.NonFiniteError) as err:
+        print(f"megadistill.train: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """``err`` as one line: an ``OSError``'s strerror and file name when it has them."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":
