@@ -130,10 +130,26 @@ def test_provenance_disagreement(tmp_path):
     assert any('"documents" is 3' in p for p in problems)
 
 
-def test_missing_provenance_is_a_problem(dataset, capsys):
-    (dataset.parent / "c.json").unlink()
-    assert any(p.startswith(f"{dataset}.json") for p in validate(dataset))
-    assert main([str(dataset)]) == 1
+def test_missing_provenance_is_a_warning_with_the_adopt_hint(dataset, capsys):
+    (dataset.parent / "c.json").unlink()  # a pair as Megatron-LM writes it: valid, no provenance
+    assert validate(dataset) == []
+    assert main([str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "INVALID" not in out and out.rstrip().endswith("valid")
+    assert f"warning: {dataset}.json: no provenance" in out
+    assert f"python tools/adopt_dataset.py {dataset} --tokenizer" in out
+
+
+def test_missing_provenance_check_ids_uses_the_tokenizer_vocabulary(tmp_path, tiny_tok_dir):
+    tok, _ = tiny_tok_dir
+    prefix = _text_dataset(tmp_path / "m", tok)
+    (tmp_path / "m.json").unlink()
+    assert describe(prefix, tok, check_ids=True)["valid"]
+    small = make_dataset(tmp_path / "big_ids", docs=[[2, len(tok) + 5, 1]])
+    (tmp_path / "big_ids.json").unlink()
+    desc = describe(small, tok, check_ids=True)
+    assert not desc["valid"] and f"token id {len(tok) + 5} outside the vocabulary" in desc["problems"][0]
+    assert "token ids not checked" in " ".join(describe(small, check_ids=True)["warnings"])
 
 
 @pytest.mark.parametrize("chunk", [3, 1 << 20])
@@ -184,7 +200,9 @@ def test_missing_file_exits_2(tmp_path, dataset, capsys):
     assert len(err.strip().splitlines()) == 1
     assert main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
-    assert "nothing.idx" in err and "nothing.bin" in err
+    nothing = tmp_path / "nothing"
+    assert err.strip() == (f"inspect_data: error: dataset {nothing} not found (no {nothing}.bin/.idx): create it with "
+                           f"python tools/binarize.py --input ... --output-prefix {nothing}")
 
 
 TEXTS = ["hello world, this is the first document", "second text here", "a third one"]

@@ -12,7 +12,9 @@ counts and framing record and, with ``--check-ids``, token ids against the prove
 size and each document's framing ids. This file parses the command line and prints;
 :func:`megadistill.data.inspect.describe` does the work.
 
-Exit status: 0 valid, 1 problems found (all printed), 2 usage error (e.g. a missing file).
+Exit status: 0 valid, 1 problems found (all printed), 2 usage error (e.g. a missing file). A pair
+without ``.json`` (written by Megatron-LM itself) is valid with a warning naming
+``tools/adopt_dataset.py``, which records the provenance the other tools need.
 ``--json`` prints a JSON array with one ``describe()`` object per prefix.
 """
 
@@ -30,8 +32,7 @@ except ImportError:  # run as `python tools/inspect_data.py` from a checkout wit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import megadistill  # noqa: F401
 
-from megadistill.data.indexed import dataset_prefix, require_dataset_files
-from megadistill.data.inspect import describe
+from megadistill.data.inspect import describe, resolve_dataset
 
 PROG = "inspect_data"
 
@@ -51,7 +52,7 @@ def _num(value: Any, fmt: str = ",") -> str:
 def format_provenance(meta: dict[str, Any] | None, json_path: str) -> list[str]:
     """Lines describing the provenance sidecar."""
     if meta is None:
-        return [f"provenance  {json_path}: missing or unreadable"]
+        return [f"provenance  {json_path}: missing or unreadable (see the warnings and problems below)"]
     tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
     roman = meta.get("romanization") if isinstance(meta.get("romanization"), dict) else None
     sources = meta.get("sources") or []
@@ -140,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="cache root for GGUF tokenizer conversions")
     parser.add_argument("--docs", type=_non_negative, default=3, help="documents to decode (default 3)")
     parser.add_argument("--max-chars", type=_non_negative, default=300, help="characters shown per document (default 300)")
-    parser.add_argument("--check-ids", action="store_true", help="scan .bin for ids >= the provenance vocab_size")
+    parser.add_argument("--check-ids", action="store_true",
+                        help="scan .bin for ids >= the provenance vocab_size (without provenance: len(--tokenizer))")
     parser.add_argument("--json", action="store_true", help="print a JSON array, one object per prefix")
     return parser.parse_args(argv)
 
@@ -161,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 when every dataset is valid, 1 when problems were found, 2 on usage errors."""
     args = parse_args(argv)
     try:
-        prefixes = [dataset_prefix(p) for p in args.prefix]
-        for prefix in prefixes:  # before the (slow) tokenizer load
-            require_dataset_files(prefix)
+        prefixes = [resolve_dataset(p, provenance=False) for p in args.prefix]  # before the (slow) tokenizer load
         tokenizer = _load_tokenizer(args.tokenizer, args.cache_dir)
         descs = [describe(p, tokenizer, args.docs, args.max_chars, args.check_ids) for p in prefixes]
     except (UsageError, FileNotFoundError) as err:

@@ -6,6 +6,11 @@ opens files with), from the raw bytes, so every problem is reported with its fil
 offset rather than the first one raised. This module adds the checks that need the provenance:
 its counts against the index, its ``framing`` record, and, on request (``check_ids``), a scan of
 ``.bin`` for token ids outside the vocabulary and for documents that do not carry their framing.
+A pair without provenance (written by Megatron-LM itself) is a warning, not a problem: it is
+valid data that ``tools/adopt_dataset.py`` can give a provenance to.
+
+:func:`resolve_dataset` is the one place every tool (inspect, merge, adopt, the training stages)
+turns a command-line or config path into a checked dataset prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from megadistill.data.framing import Framing, framing_from_provenance
-from megadistill.data.indexed import RawIndex, read_provenance, tokenizer_sha256, validate_index
+from megadistill.data.indexed import RawIndex, dataset_prefix, read_provenance, tokenizer_sha256, validate_index
 
 CHUNK_TOKENS = 1 << 22  # tokens per read when scanning .bin for check_ids
 
@@ -33,6 +38,8 @@ class Inspection:
         meta: the ``.json`` provenance, or None when missing or unreadable.
         structural: problems of the ``.bin``/``.idx`` pair (and of its tokens with ``check_ids``).
         provenance: problems of the ``.json`` against the pair.
+        warnings: what is not a problem but limits use: no ``.json`` at all (a Megatron-LM pair,
+            see :func:`adopt_hint`), ids left unchecked for want of a vocabulary size.
     """
 
     prefix: Path
@@ -41,6 +48,7 @@ class Inspection:
     meta: dict[str, Any] | None
     structural: list[str] = field(default_factory=list)
     provenance: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -53,22 +61,83 @@ def files_of(prefix: str | Path) -> tuple[Path, Path, Path]:
     return Path(f"{prefix}.idx"), Path(f"{prefix}.bin"), Path(f"{prefix}.json")
 
 
-def inspect_dataset(prefix: str | Path, check_ids: bool = False, chunk_tokens: int = CHUNK_TOKENS) -> Inspection:
+def adopt_hint(prefix: str | Path, tokenizer: str | None = None) -> str:
+    """The command that gives a provenance to a pair written without one (Megatron-LM's own files)."""
+    return f"python tools/adopt_dataset.py {prefix} --tokenizer {tokenizer or '<teacher>'}"
+
+
+def resolve_dataset(arg: str | Path, field: str | None = None, provenance: bool = True,
+                    tokenizer: str | None = None) -> Path:
+    """The dataset prefix a command-line or config path names, after checking its files exist.
+
+    Only file existence is checked (``stat``); contents are :func:`inspect_dataset`'s job.
+
+    Args:
+        arg: a prefix, or the path of its ``.bin``/``.idx``/``.json`` (the suffix is dropped, see
+            :func:`megadistill.data.indexed.dataset_prefix`).
+        field: what named the path (``"data.train_prefixes[0]"``), put before the message.
+        provenance: also require ``<prefix>.json``.
+        tokenizer: the teacher spec to name in the ``adopt_dataset`` hint (``<teacher>`` when None).
+    Returns:
+        The prefix, without suffix.
+    Raises:
+        FileNotFoundError: one line naming the prefix and the fix: ``.bin`` and ``.idx`` both missing
+            ("dataset P not found (no P.bin/.idx)", binarize it), one of them missing, or (with
+            ``provenance``) ``.json`` missing (adopt it with ``tools/adopt_dataset.py``).
+    """
+    prefix = dataset_prefix(arg)
+    idx, bin_, json_path = files_of(prefix)
+    where = f"{field}: " if field else ""
+    missing = [p.suffix for p in (bin_, idx) if not p.is_file()]
+    if len(missing) == 2:
+        raise FileNotFoundError(f"{where}dataset {prefix} not found (no {prefix}.bin/.idx): create it with "
+                                f"python tools/binarize.py --input ... --output-prefix {prefix}")
+    if missing:
+        raise FileNotFoundError(f"{where}dataset {prefix} is incomplete (no {prefix}{missing[0]}): re-create it with "
+                                f"python tools/binarize.py --input ... --output-prefix {prefix}")
+    if provenance and not json_path.is_file():
+        raise FileNotFoundError(f"{where}dataset {prefix} has no provenance {json_path}; if Megatron-LM (or another "
+                                f"tool) wrote it, check and record one with: {adopt_hint(prefix, tokenizer)}")
+    return prefix
+
+
+def inspect_dataset(prefix: str | Path, check_ids: bool = False, chunk_tokens: int = CHUNK_TOKENS,
+                    vocab_size: int | None = None) -> Inspection:
     """Read and check one dataset from its raw bytes (see :func:`validate`).
 
+    Args:
+        prefix: dataset prefix (a ``.bin``/``.idx``/``.json`` suffix is dropped, :func:`resolve_dataset`).
+        check_ids: scan ``.bin`` for ids outside the vocabulary and check the recorded framing.
+        chunk_tokens: tokens per read while scanning.
+        vocab_size: vocabulary size for ``check_ids`` when the provenance has none (or is missing),
+            e.g. ``len(tokenizer)``; the provenance's ``tokenizer.vocab_size`` wins otherwise.
+    Returns:
+        The :class:`Inspection`; a missing ``.json`` is a warning, not a problem.
     Raises:
-        FileNotFoundError: ``.idx`` or ``.bin`` missing (names every missing file).
+        FileNotFoundError: ``.idx`` or ``.bin`` missing (one line, :func:`resolve_dataset`).
     """
-    report = validate_index(prefix)
+    report = validate_index(resolve_dataset(prefix, provenance=False))
     meta, error = _load_meta(report.prefix)
     result = Inspection(report.prefix, report.raw, report.bin_bytes, meta, structural=list(report.problems))
-    result.provenance = check_provenance(result.prefix, result.raw, meta, error)
-    if check_ids and meta is not None:  # a missing provenance is already reported
-        result.structural += check_token_ids(result.prefix, result.raw, vocab_size_of(meta), chunk_tokens)
-        framing = _recorded_framing(meta)
-        if framing is not None and report.valid:  # the scan reads through the pointers
-            result.structural += check_framing(result.prefix, result.raw, framing)
+    if meta is None and error is None:
+        result.warnings.append(f"{files_of(result.prefix)[2]}: no provenance (a pair written by Megatron-LM?); "
+                               f"the tools refuse it until it has one: {adopt_hint(result.prefix)}")
+    else:
+        result.provenance = check_provenance(result.prefix, result.raw, meta, error)
+    if check_ids:
+        _scan(result, vocab_size_of(meta) or vocab_size, chunk_tokens, report.valid)
     return result
+
+
+def _scan(result: Inspection, vocab_size: int | None, chunk_tokens: int, valid_pair: bool) -> None:
+    """``check_ids`` scans into ``result``: ids against ``vocab_size``, documents against the recorded framing."""
+    if result.meta is None and vocab_size is None:
+        result.warnings.append("token ids not checked: no provenance and no tokenizer to take the vocabulary size from")
+        return
+    result.structural += check_token_ids(result.prefix, result.raw, vocab_size, chunk_tokens)
+    framing = _recorded_framing(result.meta) if result.meta is not None else None
+    if framing is not None and valid_pair:  # the scan reads through the pointers
+        result.structural += check_framing(result.prefix, result.raw, framing)
 
 
 def _recorded_framing(meta: dict[str, Any]) -> Framing | None:
@@ -88,7 +157,8 @@ def validate(prefix: str | Path, check_ids: bool = False, chunk_tokens: int = CH
             and check that every document starts and ends with the recorded framing ids.
         chunk_tokens: tokens per read while scanning.
     Returns:
-        Problem messages; empty when the dataset is valid.
+        Problem messages; empty when the dataset is valid (a missing ``.json`` is only a warning,
+        see :func:`inspect_dataset`).
     Raises:
         FileNotFoundError: ``.idx`` or ``.bin`` missing.
     """
@@ -96,7 +166,9 @@ def validate(prefix: str | Path, check_ids: bool = False, chunk_tokens: int = CH
 
 
 def _load_meta(prefix: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """``(provenance, None)`` or ``(None, problem message)``."""
+    """``(provenance, None)``, ``(None, problem message)`` for an unreadable one, ``(None, None)`` when there is none."""
+    if not files_of(prefix)[2].is_file():
+        return None, None
     try:
         return read_provenance(prefix), None
     except (FileNotFoundError, ValueError) as err:
@@ -255,7 +327,9 @@ def header_info(raw: RawIndex, bin_bytes: int) -> dict[str, Any]:
 
 def tokenizer_warnings(meta: dict[str, Any] | None, tokenizer: Any) -> list[str]:
     """A warning when the tokenizer's hash differs from (or cannot be compared with) the provenance."""
-    tok = (meta or {}).get("tokenizer")
+    if meta is None:
+        return ["no provenance to compare the tokenizer with; decoded text may use the wrong vocabulary"]
+    tok = meta.get("tokenizer")
     stored = tok.get("sha256") if isinstance(tok, dict) else None
     current = tokenizer_sha256(tokenizer)
     if not stored:
@@ -295,11 +369,14 @@ def describe(prefix: str | Path, tokenizer: Any = None, docs: int = 3, max_chars
     and file sizes), ``tokens`` (per-document statistics), ``documents`` (decoded samples, only
     with a tokenizer and a structurally valid pair), ``warnings``, ``problems``, ``valid``.
 
+    With ``check_ids`` and no provenance, ids are checked against ``len(tokenizer)`` when a
+    tokenizer is given. A missing ``.json`` is a warning (``valid`` stays True when nothing else is wrong).
+
     Raises:
         FileNotFoundError: ``.idx`` or ``.bin`` missing.
     """
-    result = inspect_dataset(prefix, check_ids)
-    warnings: list[str] = []
+    result = inspect_dataset(prefix, check_ids, vocab_size=len(tokenizer) if tokenizer is not None else None)
+    warnings = list(result.warnings)
     samples: list[dict[str, Any]] = []
     if tokenizer is not None and docs > 0:
         warnings += tokenizer_warnings(result.meta, tokenizer)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from megadistill.data.framing import framing_from_provenance
 from megadistill.data.indexed import (IndexedDataset, IndexedDatasetWriter, dataset_prefix, read_provenance,
                                       write_provenance)
+from megadistill.data.inspect import resolve_dataset
 from megadistill.data.sources import sum_counts
 
 logger = logging.getLogger(__name__)
@@ -41,24 +42,27 @@ def merge_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path, *,
     provenance last); on any error nothing new is left behind and a previous output is untouched.
 
     Args:
-        prefixes: two or more shard prefixes (without suffix), each with a ``.json`` provenance
-            written by ``tools/binarize.py`` (or by an earlier merge).
+        prefixes: two or more shard prefixes (a ``.bin``/``.idx``/``.json`` suffix is dropped), each
+            with a ``.json`` provenance written by ``tools/binarize.py``, ``tools/adopt_dataset.py``
+            (a Megatron-LM pair) or an earlier merge.
         output_prefix: the merged dataset's prefix; must not be one of ``prefixes``.
         allow_mixed_languages: merge shards whose language or script differ (the result records
             ``language``/``script`` as None and lists them under ``languages``). Off by default:
             blending needs one dataset per language.
     Returns:
         The merged provenance: the shared fields of the shards; documents, tokens, characters,
-        bytes and dropped-record counts summed; ``sources`` concatenated (each tagged with its
+        bytes and dropped-record counts summed (characters / bytes None when a shard, e.g. an
+        adopted one, does not know its own); ``sources`` concatenated (each tagged with its
         ``shard``); ``merged_from`` with one entry per shard; for romanized shards the
         romanization counts summed and ``unmapped_fraction`` recomputed.
     Raises:
         ValueError: fewer than two shards, the output is one of the inputs, a shard's ``.bin``/``.idx``
             is invalid, or the shards disagree on tokenizer, special tokens, dtype, language,
             script or romanization scheme (the message names both shards and the field).
-        FileNotFoundError: a shard's ``.bin``, ``.idx`` or ``.json`` is missing.
+        FileNotFoundError: a shard's ``.bin``, ``.idx`` or ``.json`` is missing (one line with the fix,
+            :func:`~megadistill.data.inspect.resolve_dataset`).
     """
-    paths = [Path(p) for p in prefixes]
+    paths = [resolve_dataset(p, f"shard {i}") for i, p in enumerate(prefixes)]
     output_prefix = Path(output_prefix)
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two datasets, got {len(paths)}")
@@ -132,7 +136,7 @@ def merged_provenance(paths: Sequence[Path], metas: Sequence[dict[str, Any]]) ->
     merged = {key: value for key, value in metas[0].items() if key not in ("romanized_as",)}
     merged["framing"] = framing_from_provenance(metas[0]).as_dict()
     for key in _SUMMED:
-        merged[key] = sum(int(m.get(key) or 0) for m in metas)
+        merged[key] = _sum_known([m.get(key, 0) for m in metas])  # absent (older shards): 0, as before
     merged["sources"] = [dict(src, shard=str(path)) for path, m in zip(paths, metas) for src in m.get("sources", [])]
     merged["dropped"] = sum_counts(m.get("dropped", {}) for m in metas)
     mixed = [m.get("mixed_script_documents") or {"count": 0, "examples": []} for m in metas]
@@ -147,6 +151,11 @@ def merged_provenance(paths: Sequence[Path], metas: Sequence[dict[str, Any]]) ->
                              for p, m in zip(paths, metas)]
     merged["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return merged
+
+
+def _sum_known(values: list[Any]) -> int | None:
+    """Sum of per-shard counts; None when one shard's is unknown (None: an adopted Megatron pair has no character count)."""
+    return None if any(v is None for v in values) else sum(int(v) for v in values)
 
 
 def _merged_romanization(reports: list[dict[str, Any]]) -> dict[str, Any]:
