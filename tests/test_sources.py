@@ -253,3 +253,36 @@ def test_blocks_never_split_documents(tmp_path, name):
     blocks = list(read_blocks(path, block_bytes=64))
     pieces = [(d.text, d.line) for b in blocks for d in parse_block(b, SourceStats())]
     assert len(blocks) > 50 and pieces == whole and len(whole) == 300
+
+
+# Regression tests for what fuzzing the readers found (issue 15).
+
+
+def test_corrupt_gzip_stream_is_a_value_error(tmp_path):
+    """A damaged deflate stream raises zlib.error (not an OSError) inside gzip: reported as file:line."""
+    import gzip
+
+    data = gzip.compress(b'{"text": "x"}\n{"text": "y"}\n' * 3)
+    damaged = data[:14] + bytes([data[14] ^ 0x55]) + data[15:]
+    path = write_bytes(tmp_path / "x.jsonl.gz", damaged)
+    with pytest.raises(ValueError, match=r"x\.jsonl\.gz:1: cannot read compressed data \(Error -3 .*truncated or corrupt"):
+        list(read_documents(path))
+    path = write_bytes(tmp_path / "y.jsonl.gz",
+                       b"\x1f\x8b\x08\x00\x17z\x0fk\x02\xff\xabV*\xa9(Q\xb2RPR\xaa\xe5\xaa\xc6\xccN\xa5\x84\x03\x00t\x0fe^d\x00\x00\x00")
+    with pytest.raises(ValueError, match=r"y\.jsonl\.gz:\d+: cannot read compressed data"):
+        list(read_documents(path))
+
+
+def test_jsonl_too_deep_or_too_long_numbers_are_bad_json(tmp_path):
+    """json.loads raises RecursionError for deep nesting and a plain ValueError for > 4300-digit ints."""
+    deep = b'{"text": "x", "n": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    big = b'{"text": "y", "n": ' + b"7" * 5000 + b"}"
+    path = write_bytes(tmp_path / "x.jsonl", b'{"text": "ok"}\n' + deep + b"\n" + big + b"\n")
+    stats = SourceStats()
+    assert [d.text for d in read_documents(path, stats=stats)] == ["ok"]
+    assert stats.dropped == {"bad_json": 2}
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: JSON nested too deeply to parse; rerun with --on-error skip"):
+        list(read_documents(path, on_error="fail"))
+    path = write_bytes(tmp_path / "y.jsonl", b'{"text": "ok"}\n' + big + b"\n")
+    with pytest.raises(ValueError, match=r"y\.jsonl:2: unreadable JSON \(Exceeds the limit \(4300 digits\)"):
+        list(read_documents(path, on_error="fail"))

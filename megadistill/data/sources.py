@@ -18,6 +18,7 @@ import logging
 import lzma
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -334,7 +335,14 @@ def _tsv_header(path: Path, raw: bytes | None, text_field: str) -> tuple[int, in
 
 
 def _raw_lines(path: Path, on_error: str, stats: SourceStats, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """``(number, raw line)`` of a possibly compressed file; ``None`` for a line over ``max_line_bytes`` (dropped unread)."""
+    """``(number, raw line)`` of a possibly compressed file; ``None`` for a line over ``max_line_bytes`` (dropped unread).
+
+    Raises:
+        ValueError: ``<path>:<line>: cannot read compressed data (...)`` for a truncated or corrupt
+            ``.gz``/``.xz``/``.bz2`` stream (``EOFError``, ``OSError``, ``lzma.LZMAError`` and ``zlib.error``
+            alike: a damaged deflate stream raises ``zlib.error``, which is not an ``OSError``);
+            an over-long line with ``on_error="fail"``.
+    """
     opener = COMPRESSION.get(path.suffix.lower(), open)
     number = 0
     try:
@@ -347,7 +355,7 @@ def _raw_lines(path: Path, on_error: str, stats: SourceStats, max_line_bytes: in
                             on_error, stats)
                     raw = None
                 yield number, raw
-    except (EOFError, OSError, lzma.LZMAError) as err:  # truncated or corrupt compressed stream
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:  # truncated or corrupt compressed stream
         raise ValueError(f"{path}:{number + 1}: cannot read compressed data ({err}); the file is truncated or corrupt") from None
 
 
@@ -459,17 +467,34 @@ def _txt_documents(block: Block, lines, stats: SourceStats) -> Iterator[_Record]
 
 
 def _jsonl_documents(block: Block, lines, stats: SourceStats) -> Iterator[_Record]:
-    """JSON objects of the non-blank lines, as records for :func:`_record_documents`."""
+    """JSON objects of the non-blank lines, as records for :func:`_record_documents`.
+
+    A line ``json`` cannot parse is a ``bad_json`` record (dropped, or ``ValueError`` naming
+    ``file:line`` with ``on_error="fail"``): invalid JSON, but also JSON nested too deeply for the
+    parser (``RecursionError``) and an integer of more digits than Python converts (a ``ValueError``
+    that is not a ``JSONDecodeError``).
+    """
     def records() -> Iterator[tuple[int, Any]]:
         for number, line in lines:
             if line is None or not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                _reject(block.source, number, "bad_json", f"invalid JSON ({err.msg} at column {err.colno})", block.on_error, stats)
+                record = json.loads(line)
+            except (ValueError, RecursionError) as err:
+                _reject(block.source, number, "bad_json", _json_problem(err), block.on_error, stats)
+            else:
+                yield number, record
 
     return _record_documents(block, records(), stats)
+
+
+def _json_problem(err: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON line, for :func:`_reject`."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err.msg} at column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "JSON nested too deeply to parse"
+    return f"unreadable JSON ({' '.join(str(err).split())[:120]})"  # e.g. an integer of over 4300 digits
 
 
 def _record_documents(block: Block, records, stats: SourceStats) -> Iterator[_Record]:
