@@ -396,3 +396,95 @@ def test_cli_binarizes_with_an_encoder_tokenizer(tmp_path, bert_tokenizer, sib20
 
     first = unicodedata.normalize("NFC", read_sib200_texts(sib200_dir, "hin_Deva", "dev")[0])
     assert IndexedDataset(prefix)[0].tolist() == bert_tokenizer(first).input_ids
+
+
+# --- literal special-token text, progress and throughput, option checks ------------------------
+
+LITERALS = "hello <eos> world <bos> x <pad> y\n\na </s> b <s> c <mask>\n\n[SEP] d [CLS] e [MASK] f <unk>\n"
+
+
+@pytest.mark.parametrize("name", ["tiny_tokenizer", "bert_tokenizer", "xlmr_tokenizer"])
+def test_literal_special_tokens_are_text_not_control_ids(name, request, tmp_path):
+    """A document saying "<eos>" holds no EOS id inside it; a tokenizer that cannot do that gets it counted."""
+    from megadistill.data.framing import control_ids
+
+    tokenizer = request.getfixturevalue(name)
+    split_before = tokenizer.backend_tokenizer.encode_special_tokens
+    corpus = tmp_path / "x.txt"
+    corpus.write_text(LITERALS, encoding="utf-8")
+    meta = binarize([corpus], tokenizer, tmp_path / "x", show_progress=False)
+    frame = meta["framing"]
+    controls = control_ids(tokenizer)
+    ds = IndexedDataset(tmp_path / "x")
+    inside = [[i for i in ds[d].tolist()[len(frame["prefix_ids"]):-len(frame["suffix_ids"])] if i in controls]
+              for d in range(len(ds))]
+    special = meta["special_tokens_in_text"]
+    assert special["count"] == sum(map(len, inside))  # whatever the tokenizer does, it is counted exactly
+    assert special["documents"] == sum(map(bool, inside))
+    assert tokenizer.backend_tokenizer.encode_special_tokens == split_before  # the caller's tokenizer is untouched
+    if name == "xlmr_tokenizer":  # its Unigram vocabulary holds "<s>", "</s>", ... as pieces: not encodable as text
+        assert special["count"] > 0 and not special["literal_kept_as_text"]
+        assert special["examples"][0] == f"{corpus}:1"
+        assert f"{special['count']:,} control ids from literal special-token text" in binarize_tool.summary(meta, tmp_path / "x")
+        return
+    assert special == {"count": 0, "documents": 0, "examples": [], "literal_kept_as_text": True}
+    assert inside == [[], [], []]
+    if tokenizer.eos_token_id is not None:
+        assert tokenizer.eos_token_id not in ds[0].tolist()[len(frame["prefix_ids"]):-len(frame["suffix_ids"])]
+    first = LITERALS.split("\n\n")[0]
+    assert ds[0].tolist() == (frame["prefix_ids"] + tokenizer(first, add_special_tokens=False, split_special_tokens=True)
+                              .input_ids + frame["suffix_ids"])
+
+
+def test_progress_bar_counts_input_bytes_and_shares_the_summary_rate(hin_dev, sib200_dir, tiny_tokenizer, tmp_path,
+                                                                     monkeypatch):
+    import megadistill.data.binarize as binarize_module
+
+    bars = []
+
+    class Recorder(binarize_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kwargs, self.postfixes = kwargs, []
+            bars.append(self)
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            self.postfixes.append(dict(ordered_dict or {}, **kwargs))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(binarize_module, "tqdm", Recorder)
+    dev = sib200_dir / "hin_Deva" / "dev.tsv"
+    prefix = tmp_path / "hin_Deva"
+    meta = binarize([dev], tiny_tokenizer, prefix, BinarizeOptions(block_bytes=4096))  # the bar on (stderr is captured)
+    (bar,) = bars
+    assert bar.kwargs["total"] == dev.stat().st_size and bar.kwargs["unit"] == "B" and bar.kwargs["unit_scale"]
+    assert bar.n == bar.total  # 100% at the end, so the ETA was meaningful
+    assert meta.tokens_per_second == meta["tokens"] / meta.seconds
+    last = bar.postfixes[-1]
+    assert last["tokens"] == f"{meta['tokens']:,}" and last["tok/s"] == f"{meta.tokens_per_second:,.0f}"
+    assert f"({last['tok/s']} tokens/s)" in binarize_tool.summary(meta, prefix)  # one number, one window
+    assert read_provenance(prefix) == meta and "tokens/s" not in binarize_tool.summary(read_provenance(prefix), prefix)
+    compressed = tmp_path / "hin_Deva.txt.gz"
+    import gzip
+
+    compressed.write_bytes(gzip.compress(b"one\n\ntwo\n"))
+    binarize([compressed], tiny_tokenizer, tmp_path / "gz", show_progress=False)
+    assert bars[-1].kwargs["total"] is None  # its decompressed size is not known up front: no total, no ETA
+
+
+@pytest.mark.parametrize("flag,value", [("--workers", "0"), ("--workers", "-2"), ("--processes", "-1"),
+                                        ("--block-bytes", "0")])
+def test_cli_rejects_bad_counts_in_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        binarize_tool.parse_args(["--input", "x.txt", "--tokenizer", "t", "--output-prefix", "o", flag, value])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"binarize: error: argument {flag}: must be >= ") and f"got {value}" in err
+
+
+@pytest.mark.parametrize("field,value", [("threads_per_process", 0), ("processes", -1), ("block_bytes", 0),
+                                         ("max_line_bytes", -5), ("rows_per_block", 1.5)])
+def test_options_name_the_bad_field(field, value, tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match=rf"BinarizeOptions\.{field} must be an integer >= \d, got {value}"):
+        binarize([tmp_path / "x.txt"], tiny_tokenizer, tmp_path / "x", BinarizeOptions(**{field: value}),
+                 show_progress=False)

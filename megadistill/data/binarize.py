@@ -409,12 +409,14 @@ class _Progress:
         finals: ``{kind: final prefix}`` of the outputs (``"native"``, ``"romanized"``).
         total: int bytes of the inputs, or None when unknown (compressed, parquet, ``hf:``).
         consumed: int raw bytes of the input lines written so far.
+        in_flight: ``(input bytes, tokens of all outputs)`` of the batch being written, (0, 0) between batches.
         writing: Path, the final name of the file being written (for error messages).
     """
 
     finals: dict[str, Path]
     total: int | None = None
     consumed: int = 0
+    in_flight: tuple[int, int] = (0, 0)
     tokens: int = 0
     seconds: float = 0.0
     writing: Path | None = None
@@ -431,7 +433,7 @@ class _Progress:
 
     def advance(self, nbytes: int, tokens: int) -> None:
         """Count ``nbytes`` more input bytes written; ``tokens`` of the main output so far."""
-        self.consumed, self.tokens = self.consumed + nbytes, tokens
+        self.consumed, self.tokens, self.in_flight = self.consumed + nbytes, tokens, (0, 0)
         self.seconds = time.perf_counter() - self.started
 
     @property
@@ -441,8 +443,8 @@ class _Progress:
 
     @property
     def fraction(self) -> float | None:
-        """Share of the input read (0..1), None when the input size is unknown."""
-        return min(self.consumed / self.total, 1.0) if self.total else None
+        """Share of the input read, the batch in flight included (0..1); None when the input size is unknown."""
+        return min((self.consumed + self.in_flight[0]) / self.total, 1.0) if self.total else None
 
 
 def _input_bytes(inputs: list) -> int | None:
@@ -598,24 +600,30 @@ def _interruptible(prefix: Path) -> Iterator[_SignalGuard]:
 def _disk_full(err: OSError, progress: _Progress, totals: _Totals, dtype: np.dtype, prefix: Path) -> DiskFullError:
     """The one-line :class:`DiskFullError` for ENOSPC/EDQUOT ``err`` (called after the staged files were removed)."""
     path = progress.writing or Path(err.filename or prefix)
-    written = sum(totals.tokens.values()) * dtype.itemsize
-    needed = _bytes_still_needed(written, totals.documents * len(progress.finals), len(progress.finals), progress.fraction)
+    written = sum(totals.tokens.values()) * dtype.itemsize  # whole batches; the one in flight counts as unwritten
+    read = (sum(totals.tokens.values()) + progress.in_flight[1]) * dtype.itemsize
+    needed = _bytes_still_needed(read, written, totals.documents * len(progress.finals), len(progress.finals),
+                                 progress.fraction)
     free = shutil.disk_usage(prefix.parent).free
     what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
-    rest = (f"about {needed:,} more bytes needed (estimated after {progress.fraction:.0%} of the input)"
+    rest = (f"about {needed:,} more bytes needed (estimated from the {progress.fraction:.0%} of the input read)"
             if needed is not None else "the space still needed is unknown (input size unknown)")
     message = (f"{what} writing {path}: {written:,} bytes of tokens written, {rest}; {free:,} bytes free on "
                f"{prefix.parent}; nothing was written under {prefix} (a previous dataset there is unchanged)")
     return DiskFullError(err.errno, message, path, written, needed, free)
 
 
-def _bytes_still_needed(token_bytes: int, documents: int, outputs: int, fraction: float | None) -> int | None:
-    """Estimated bytes left to write: the tokens of the unread input at the rate so far, the indexes
-    (MMIDIDX: 34 + 12 n + 8 (n + 1) bytes for n documents) and ~4 KB of provenance per output."""
+def _bytes_still_needed(read: int, written: int, documents: int, outputs: int, fraction: float | None) -> int | None:
+    """Estimated bytes left to write, None when the input size is unknown.
+
+    ``read`` token bytes came from ``fraction`` of the input, ``written`` of them reached the
+    disk; the rest of the input is assumed to tokenize at the same rate. Added: the indexes
+    (MMIDIDX: 34 + 12 n + 8 (n + 1) bytes for n documents) and ~4 KB of provenance per output.
+    """
     if not fraction:
         return None
-    total = token_bytes / fraction + (42 * outputs + 20 * documents / fraction) + 4096 * outputs
-    return max(int(total - token_bytes), 0)
+    total = read / fraction + (42 * outputs + 20 * documents / fraction) + 4096 * outputs
+    return max(int(total - written), 0)
 
 
 def _stream(encoder: DocumentEncoder, reader: _Reader, writers: dict, totals: _Totals, bar: tqdm,
@@ -629,11 +637,12 @@ def _stream(encoder: DocumentEncoder, reader: _Reader, writers: dict, totals: _T
         if seen is not None:
             batch = _deduplicate(batch, seen, encoder, totals)
         _merge_stats(reader.stats[source], batch.stats)
+        progress.in_flight = (nbytes, sum(len(ids) for ids in (batch.ids, batch.romanized_ids) if ids is not None))
         kept[source] += _write_batch(batch, writers, totals, progress)
         progress.advance(nbytes, totals.tokens[progress.main])
         bar.update(nbytes)
-        bar.set_postfix(docs=f"{totals.documents:,}", tokens=f"{progress.tokens:,}",
-                        tok_s=f"{progress.tokens_per_second:,.0f}", refresh=False)
+        bar.set_postfix({"docs": f"{totals.documents:,}", "tokens": f"{progress.tokens:,}",
+                         "tok/s": f"{progress.tokens_per_second:,.0f}"}, refresh=False)
     return kept
 
 
