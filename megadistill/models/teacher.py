@@ -31,6 +31,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
                           PreTrainedModel)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from megadistill.files import atomic_directory
 from megadistill.models.adapters import adapter_for
 
 logger = logging.getLogger(__name__)
@@ -47,43 +48,79 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEGADISTILL_CACHE", Path.home() / ".cache" / "megadistill")).expanduser()
 
 
-def resolve_teacher(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+def resolve_teacher(spec: str | Path, cache_dir: str | Path | None = None, role: str = "teacher path") -> Path:
     """Return a local Hugging Face checkpoint directory for a teacher spec.
 
     Args:
         spec: a Hugging Face directory, a ``.gguf`` file, or one of ``GGUF_PACKAGE_SPECS``.
         cache_dir: cache root for GGUF conversions; default ``default_cache_dir()``.
+        role: what names the spec, put first in error messages (``"teacher path"``, ``"student.checkpoint"``).
 
     Returns:
         A directory holding ``config.json``, weights and tokenizer files. A GGUF is converted
         once (dequantized to fp32) into ``<cache_dir>/teachers/<gguf sha256[:16]>/``; later
         calls reuse it. Conversion writes into a temporary sibling directory that is renamed
-        only when complete, so an interrupted conversion is never picked up.
+        only when complete, so an interrupted conversion is never picked up. Nothing is ever
+        fetched from the Hugging Face Hub.
 
     Raises:
-        FileNotFoundError: the path does not exist, or the GGUF package is not installed.
+        FileNotFoundError: the path is not a local directory or file (a Hub id, a typo), or the
+            GGUF package is not installed (one line naming the spec and the fix).
         ValueError: the path exists but is neither a model directory nor a ``.gguf`` file.
     """
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_root = _cache_root(cache_dir)
+    source = _gguf_source(spec, cache_root, role)
+    if source is not None:
+        return _cached_conversion(*source, cache_root)
+    return check_model_spec(spec, role)
+
+
+def check_model_spec(spec: str | Path, role: str = "teacher path") -> Path | None:
+    """Check, without converting or loading anything, that :func:`resolve_teacher` can use ``spec``.
+
+    Returns:
+        The local path (a model directory or a ``.gguf`` file), or None for a GGUF package spec.
+    Raises:
+        FileNotFoundError / ValueError: as :func:`resolve_teacher`; the message names ``role`` and the path.
+    """
     if str(spec) in GGUF_PACKAGE_SPECS:
-        package = _import_gguf_package()
-        # The package pins its sha256, so a cached conversion is found without assembling the file.
-        assemble = functools.partial(_assemble_package_gguf, package, cache_root)
-        return _cached_conversion(package.EXPECTED_SHA256, assemble, cache_root)
+        _import_gguf_package()
+        return None
     path = Path(spec).expanduser()
     if not path.exists():
+        hint = " (hf: names datasets for tools/binarize.py, not models)" if str(spec).startswith("hf:") else ""
         raise FileNotFoundError(
-            f"teacher path {path} does not exist: pass a local directory saved with save_pretrained "
-            f"(hub ids are not downloaded here; fetch them first), a .gguf file, or {GGUF_PACKAGE_SPECS[0]}"
+            f"{role} {spec} is not a local directory or file{hint}: pass a directory saved with save_pretrained "
+            f"(Hub ids are never downloaded: fetch one first, e.g. hf download ID --local-dir DIR), a .gguf file, "
+            f"or {GGUF_PACKAGE_SPECS[0]}"
         )
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return _cached_conversion(_sha256_file(path), functools.partial(Path, path), cache_root)
-    if path.is_dir() and (path / "config.json").is_file():
+    if (path.is_file() and path.suffix.lower() == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
         return path
     raise ValueError(
-        f"teacher path {path} is not a Hugging Face model directory (no config.json): pass a directory "
+        f"{role} {path} is not a Hugging Face model directory (no config.json): pass a directory "
         f"saved with save_pretrained, a .gguf file, or {GGUF_PACKAGE_SPECS[0]}"
     )
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    """``cache_dir`` expanded, or :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _gguf_source(spec: str | Path, cache_root: Path, role: str = "teacher path"):
+    """``(gguf sha256, f() -> gguf path)`` of a GGUF spec (file or package), None for a model directory.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`check_model_spec`.
+    """
+    path = check_model_spec(spec, role)
+    if path is None:
+        package = _import_gguf_package()
+        # The package pins its sha256, so a cached conversion is found without assembling the file.
+        return package.EXPECTED_SHA256, functools.partial(_assemble_package_gguf, package, cache_root)
+    if path.is_file():
+        return _sha256_file(path), functools.partial(Path, path)
+    return None
 
 
 def _import_gguf_package():
@@ -120,11 +157,11 @@ def _cached_conversion(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    partial.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable by others
     try:
         gguf_path = get_gguf()
         _convert_gguf(gguf_path, partial)
         (partial / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": gguf_sha256}, indent=2))
+        share_modes(partial)
         os.rename(partial, final)
     except OSError:
         # Another process may have finished the same conversion first; its copy is as good.
@@ -132,6 +169,43 @@ def _cached_conversion(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def share_modes(directory: Path) -> None:
+    """Give ``directory`` and everything in it the modes a plain ``open``/``mkdir`` would (``0o666``/``0o777`` minus the umask).
+
+    ``mkdtemp`` and ``save_pretrained`` (``model.safetensors``) create private ``0o600`` files; a
+    shared cache (``~/.cache/megadistill``, a cluster's shared disk) must stay readable by others.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _cached_tokenizer(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
+    """A directory with the GGUF's tokenizer alone: the converted teacher's if it exists, else ``<cache_root>/tokenizers/<sha[:16]>``.
+
+    The tokenizer is read from the GGUF metadata (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``)
+    and saved with ``save_pretrained``, exactly as :func:`_convert_gguf` saves it beside the weights,
+    so both give the same tokenizer (and the same hash in binarized data). No weight is dequantized.
+    """
+    teacher = cache_root / "teachers" / gguf_sha256[:16]
+    if (teacher / "config.json").is_file():
+        return teacher
+    final = cache_root / "tokenizers" / gguf_sha256[:16]
+    if (final / "tokenizer_config.json").is_file():
+        return final
+    start = time.perf_counter()
+    with atomic_directory(final) as tmp:
+        gguf_path = get_gguf()
+        AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": gguf_sha256}, indent=2))
+        share_modes(tmp)
+    logger.info("tokenizer of %s cached in %s in %.1f s (weights not converted)", gguf_path, final,
+                time.perf_counter() - start)
     return final
 
 
@@ -161,23 +235,42 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def load_tokenizer(spec: str | Path, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """Load the teacher's tokenizer.
+    """Load the teacher's tokenizer, without loading (or, for a GGUF, dequantizing) any weight.
 
-    Always loads from the directory ``resolve_teacher`` returns (converting a GGUF if needed),
-    so the tokenizer serialization, and hence the tokenizer hash recorded with binarized data,
-    is the same whichever spec form named the teacher.
+    A model directory gives its tokenizer; a GGUF spec gives the tokenizer of its converted
+    teacher when that is cached, else the tokenizer read from the GGUF metadata, cached alone
+    under ``<cache>/tokenizers/`` (seconds, instead of the minute a weight conversion takes). Both
+    are saved and reloaded the same way, so the tokenizer hash recorded with binarized data is
+    the same whichever spec form named the teacher and whether or not the weights were converted.
 
     A directory holding only tokenizer files (``tokenizer.json`` or ``tokenizer_config.json``,
     no ``config.json``) is also accepted, since binarizing needs no model weights.
 
     Raises:
-        FileNotFoundError, ValueError: as ``resolve_teacher``.
+        FileNotFoundError, ValueError: as ``resolve_teacher``; FileNotFoundError also for a model
+        directory without tokenizer files.
     """
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").exists():
         if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(resolve_teacher(spec, cache_dir))
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    cache_root = _cache_root(cache_dir)
+    source = _gguf_source(spec, cache_root)
+    directory = _cached_tokenizer(*source, cache_root) if source is not None else resolve_teacher(spec, cache_dir)
+    return _directory_tokenizer(directory)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "sentencepiece.bpe.model", "spiece.model")
+"""Files one of which a model directory needs for ``AutoTokenizer`` to load its tokenizer."""
+
+
+def _directory_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` of a local directory (never the Hub); FileNotFoundError when it has no tokenizer file."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save "
+                                f"the tokenizer beside the model with tokenizer.save_pretrained('{directory}')")
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def load_teacher(
@@ -203,13 +296,13 @@ def load_teacher(
         no adapter supports (the message names the supported ones).
     """
     path = resolve_teacher(spec, cache_dir)
-    auto_class = _auto_class(AutoConfig.from_pretrained(path), path)
+    auto_class = _auto_class(AutoConfig.from_pretrained(path, local_files_only=True), path)
+    tokenizer = _directory_tokenizer(path)  # before the weights: a missing tokenizer fails fast
     start = time.perf_counter()
-    model = auto_class.from_pretrained(path, dtype=dtype)
+    model = auto_class.from_pretrained(path, dtype=dtype, local_files_only=True)
     adapter_for(model)  # the loaded class must have an adapter too (e.g. not a BertForPreTraining)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     _log_vocab_sizes(model, tokenizer)
     logger.info("teacher %s loaded in %.1f s: %s", path, time.perf_counter() - start, count_parameters(model))
     return model, tokenizer

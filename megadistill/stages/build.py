@@ -22,8 +22,42 @@ from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokeni
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StudentParts", "build_features", "build_student", "check_vocab_sizes", "export_files", "open_cache",
-           "stage_loss", "unk_fallback_id"]
+__all__ = ["StudentParts", "build_features", "build_student", "check_paths", "check_vocab_sizes", "export_files",
+           "open_cache", "stage_loss", "unk_fallback_id"]
+
+
+def check_paths(cfg: RunConfig) -> RunConfig:
+    """Every file the config names, checked before any model loads (``stat`` only, nothing read).
+
+    Checks ``data.train_prefixes`` / ``data.valid_prefixes`` (``.bin``, ``.idx`` and provenance
+    ``.json``, :func:`megadistill.data.inspect.resolve_dataset`), ``teacher.path``,
+    ``student.checkpoint`` (``student.init: checkpoint``) and ``teacher.logit_cache``
+    (``teacher.mode: offline``). Romanized twins are datasets of ``data.*_prefixes`` like any other.
+
+    Returns:
+        ``cfg`` with the dataset prefixes as prefixes (``x.idx``/``x.bin``/``x.json`` become ``x``).
+    Raises:
+        FileNotFoundError / ValueError: one line naming the config field, the path and the fix
+            (binarize a missing dataset, adopt one without provenance, fetch a Hub model first).
+    """
+    from megadistill.data.inspect import resolve_dataset
+    from megadistill.models.teacher import check_model_spec
+
+    data = dataclasses.replace(cfg.data, **{
+        name: [str(resolve_dataset(p, f"data.{name}[{i}]", tokenizer=cfg.teacher.path))
+               for i, p in enumerate(getattr(cfg.data, name))]
+        for name in ("train_prefixes", "valid_prefixes")})
+    if cfg.teacher.path:
+        check_model_spec(cfg.teacher.path, "teacher.path")
+    if cfg.student.init == "checkpoint" and cfg.student.checkpoint:
+        check_model_spec(cfg.student.checkpoint, "student.checkpoint")
+    if cfg.teacher.mode == "offline" and cfg.teacher.logit_cache:
+        meta = Path(cfg.teacher.logit_cache) / "meta.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"teacher.logit_cache: {meta} not found: build the cache with "
+                                    f"tools/cache_teacher_logits.py --output {cfg.teacher.logit_cache} (an unfinished "
+                                    "cache has no meta.json; rerun the same command to finish it)")
+    return dataclasses.replace(cfg, data=data)
 
 
 def check_vocab_sizes(teacher, tokenizer) -> int:
@@ -120,11 +154,11 @@ def _load_checkpoint(path: str, family: str):
         raise FileNotFoundError(f"student.checkpoint {directory} has no config.json: pass a directory written by an "
                                 "earlier run (runs/<name>/hf)")
     loader = AutoModelForMaskedLM if family == "encoder" else AutoModelForCausalLM
-    model = loader.from_pretrained(directory, dtype=torch.float32)
+    model = loader.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
     model.train().requires_grad_(True)
     vocab_file = directory / "vocab_map.json"
     vocab_map = VocabMap.load(vocab_file) if vocab_file.is_file() else None
-    return model, AutoTokenizer.from_pretrained(directory), vocab_map
+    return model, AutoTokenizer.from_pretrained(directory, local_files_only=True), vocab_map
 
 
 def build_features(cfg: FeatureConfig, student, teacher, layer_map: list[int]):

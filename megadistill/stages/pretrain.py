@@ -26,8 +26,8 @@ from megadistill.models.teacher import count_parameters, load_teacher_once, outp
 from megadistill.objectives.lm import LMObjective, lm_metrics
 from megadistill.objectives.spec import KDSpec
 from megadistill.stages import StageRun
-from megadistill.stages.build import (build_features, build_student, check_vocab_sizes, export_files, open_cache,
-                                      stage_loss)
+from megadistill.stages.build import (build_features, build_student, check_paths, check_vocab_sizes, export_files,
+                                      open_cache, stage_loss)
 from megadistill.teachers import CachedTeacher, NoTeacher, OnlineTeacher, TeacherBody
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,13 @@ def _teacher_needed_online(cfg: RunConfig, features) -> bool:
 def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     """Teacher, data, student, objective and engines of a pre-training distillation run.
 
+    Every path of the config is checked first (:func:`~megadistill.stages.build.check_paths`), so a
+    missing dataset or model fails in a second, not after the teacher has loaded.
+
     Raises:
         ValueError / FileNotFoundError: bad data, teacher, cache or student settings (naming them).
     """
+    cfg = check_paths(cfg)
     run_dir = Path(cfg.run_dir)
     teacher, tokenizer = load_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     masked = adapter_for(teacher).family == "encoder"
