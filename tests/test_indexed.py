@@ -336,3 +336,41 @@ def test_open_checked_datasets_accepts_one_framing_per_run(tmp_path, monkeypatch
         indexed.open_checked_datasets([a, decoder], tokenizer=None)
     with pytest.raises(ValueError, match=r"d\.json: documents are framed for decoder models .* needs encoder framing"):
         indexed.open_checked_datasets([decoder], tokenizer=None, framing_kind="encoder")
+
+
+# Regression tests for what fuzzing the reader found (issue 15).
+
+
+@pytest.mark.parametrize("dtype, code", [(np.uint16, 3), (np.int32, 7), (np.int64, 6), (np.uint8, 2)])
+def test_same_width_dtype_code_is_caught_by_the_provenance(tmp_path, monkeypatch, dtype, code):
+    """A dtype code changed to another dtype of the same width keeps every length consistent, so the
+    pair alone looks valid (tokens are reinterpreted); the provenance's dtype catches it."""
+    import megadistill.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "tokenizer_sha256", lambda tokenizer: "0" * 64)
+    docs = [[2, 200, 1], [2, 100, 5, 1]]
+    prefix = write(tmp_path / "c", docs, dtype)
+    write_provenance(prefix, {"tokenizer": {"sha256": "0" * 64}, "dtype": np.dtype(dtype).name, "documents": 2,
+                              "tokens": 7})
+    (ds,) = indexed.open_checked_datasets([prefix], tokenizer=None)
+    assert [d.tolist() for d in ds] == docs
+    raw = bytearray((tmp_path / "c.idx").read_bytes())
+    raw[17] = code
+    (tmp_path / "c.idx").write_bytes(bytes(raw))
+    assert IndexedDataset(prefix).dtype == DTYPE_CODES[code]  # consistent bytes: the reader cannot tell
+    with pytest.raises(ValueError, match=rf'c\.json: "dtype" is \'{np.dtype(dtype).name}\' but .*c\.idx holds '
+                                         rf"'{DTYPE_CODES[code].name}'; the \.idx header is damaged"):
+        indexed.open_checked_datasets([prefix], tokenizer=None)
+
+
+def test_provenance_counts_must_match_the_index(tmp_path, monkeypatch):
+    import megadistill.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "tokenizer_sha256", lambda tokenizer: "0" * 64)
+    prefix = write(tmp_path / "c", DOCS)
+    write_provenance(prefix, {"tokenizer": {"sha256": "0" * 64}, "documents": 3, "tokens": 14})
+    with pytest.raises(ValueError, match=r'c\.json: "documents" is 3 but .*c\.idx holds 4'):
+        indexed.open_checked_datasets([prefix], tokenizer=None)
+    write_provenance(prefix, {"tokenizer": {"sha256": "0" * 64}, "documents": 4, "tokens": 15})
+    with pytest.raises(ValueError, match=r'c\.json: "tokens" is 15 but .*c\.idx holds 14'):
+        indexed.open_checked_datasets([prefix], tokenizer=None)

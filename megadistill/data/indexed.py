@@ -728,7 +728,8 @@ def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any,
     Raises:
         FileNotFoundError / ValueError: as :class:`IndexedDataset`, :func:`check_tokenizer_matches`
             and :func:`read_framing`; ValueError for a dataset of another framing kind than
-            ``framing_kind`` or another framing than the first dataset.
+            ``framing_kind`` or another framing than the first dataset, or whose provenance
+            ``dtype`` / ``documents`` / ``tokens`` disagree with the index (:func:`check_provenance_counts`).
     """
     datasets, framings = [], []
     for prefix in prefixes:
@@ -736,7 +737,29 @@ def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any,
         framings.append(read_framing(prefix))
         _check_framing(prefix, framings[-1], framings[0], prefixes[0], framing_kind)
         datasets.append(IndexedDataset(prefix))
+        check_provenance_counts(datasets[-1], read_provenance(prefix))
     return datasets
+
+
+def check_provenance_counts(dataset: "IndexedDataset", meta: dict[str, Any]) -> None:
+    """Refuse a dataset whose ``.json`` provenance disagrees with its index on ``dtype``, ``documents`` or ``tokens``.
+
+    The one header corruption the bytes of a pair cannot reveal is a dtype code changed to another
+    dtype of the same width (uint16 <-> int16, int32 <-> float32, ...): every length stays consistent
+    and every token is silently reinterpreted. The provenance written by binarize records the dtype
+    name, so the reader can catch it; the counts catch a ``.bin``/``.idx`` pair replaced under an old
+    ``.json``. Keys missing from the provenance (Megatron files, hand-written records) are not checked.
+
+    Raises:
+        ValueError: ``<prefix>.json: "<key>" is <stored> but <prefix>.idx holds <actual>; ...``.
+    """
+    actual = {"dtype": dataset.dtype.name, "documents": len(dataset.document_indices) - 1,
+              "tokens": dataset.num_tokens}
+    for key, value in actual.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{dataset.prefix}.json: \"{key}\" is {meta[key]!r} but {dataset.prefix}.idx holds "
+                             f"{value!r}; the .idx header is damaged or the pair and its provenance come from "
+                             f"different runs: re-binarize (python tools/inspect_data.py {dataset.prefix} lists every problem)")
 
 
 def _check_framing(prefix, framing: Framing, first: Framing, first_prefix, kind: FramingKind | None) -> None:
