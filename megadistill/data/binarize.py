@@ -375,7 +375,8 @@ def binarize(
     progress = _Progress(prefixes, total=_input_bytes(inputs))
     try:
         with _interruptible(output_prefix) as guard:
-            staging = _Staging(output_prefix)
+            with guard.deferred():  # no signal between making the directory and the try that removes it
+                staging = _Staging(output_prefix)
             try:
                 sources = _write_tokens(encoder, reader, staging, totals, progress, dtype, show_progress)
                 base = _provenance(tokenizer, tokenizer_name, totals, reader.stats, sources, dtype.name, framing,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
@@ -308,9 +310,13 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, max_in_flight: int,
     """``map(fn, items)`` over a spawned process pool, in order, with at most ``max_in_flight`` items queued.
 
     ``spawn`` (not ``fork``): forking after the fast tokenizer has used its thread pool can deadlock.
+    The workers ignore SIGINT: a Ctrl-C reaches the whole process group, and the caller, which
+    handles it, terminates the pool on its way out (else each worker prints a traceback).
     """
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    with _children_ignore_sigint():
+        pool = context.Pool(workers, initializer=initializer, initargs=initargs)
+    with pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
@@ -318,3 +324,21 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, max_in_flight: int,
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while processes are started in the block, so they inherit it from their first instruction.
+
+    Python keeps an inherited ``SIG_IGN`` for SIGINT (it installs ``KeyboardInterrupt`` only over
+    ``SIG_DFL``), which an initializer could not do for a worker still starting up. Main thread
+    only (elsewhere a no-op); the caller's handler is back when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
