@@ -324,12 +324,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         ValueError: no ``=``, an empty key or key part (``train..x``), or a value that is not valid YAML.
     """
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value (example: train.max_steps=20)")
+        raise ValueError(f"override {_short(item)} is not key=value (example: train.max_steps=20)")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or not all(part.strip() for part in key.split(".")):
-        raise ValueError(f"override {item!r}: empty key or key part (example: train.max_steps=20)")
-    return key, _safe_yaml(text, f"override {key}") if text.strip() else None
+        raise ValueError(f"override {_short(item)}: empty key or key part (example: train.max_steps=20)")
+    return key, _safe_yaml(text, f"override {_name(key)}") if text.strip() else None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -343,7 +343,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {key}: {part} is not a section")
+            raise ValueError(f"override {_name(key)}: {_name(part)} is not a section")
     node[parts[-1]] = value
 
 
