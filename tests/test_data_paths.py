@@ -101,3 +101,21 @@ def test_check_paths_turns_file_names_into_prefixes(tmp_path, teacher_dir):
     train, valid = pair(tmp_path / "hin_Deva"), pair(tmp_path / "hin_Deva.dev")
     cfg = check_paths(config(tmp_path, teacher_dir, [f"{train}.idx"], [f"{valid}.bin"]))
     assert (cfg.data.train_prefixes, cfg.data.valid_prefixes) == ([str(train)], [str(valid)])
+
+
+def test_train_cli_says_which_dataset_is_missing_in_one_line(tmp_path, teacher_dir):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "hin_Deva.train"
+    cmd = [sys.executable, "megadistill/train.py", "--ds_config", "ds_configs/cpu_zero3.json", "--config",
+           "megadistill/recipes/quickstart.yaml", f"run_dir={tmp_path / 'run'}", f"teacher.path={teacher_dir}",
+           f"data.train_prefixes=[{missing}.idx]", "data.valid_prefixes=[]"]
+    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [f"megadistill.train: error: data.train_prefixes[0]: dataset {missing} not found (no "
+                      f"{missing}.bin/.idx): create it with python tools/binarize.py --input ... --output-prefix {missing}"]

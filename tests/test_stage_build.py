@@ -99,7 +99,8 @@ def _convert_tiny(gguf_path, out_dir):
     from megadistill.models import teacher as teacher_lib
 
     tiny_teacher().save_pretrained(out_dir)
-    teacher_lib.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
+    if not (out_dir / "tokenizer_config.json").is_file():  # as _convert_gguf: a tokenizer copied from the cache stays
+        teacher_lib.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
 
 
 def test_gguf_tokenizer_loads_without_converting_the_weights(fake_gguf, tmp_path, monkeypatch, tiny_tokenizer):
@@ -116,6 +117,7 @@ def test_gguf_tokenizer_loads_without_converting_the_weights(fake_gguf, tmp_path
     # Once the weights are converted, the teacher's own tokenizer is used: the same hash as before.
     monkeypatch.setattr(teacher_lib, "_convert_gguf", _convert_tiny)
     teacher_dir = teacher_lib.resolve_teacher(gguf, cache_dir=cache)
+    assert len(reads) == 1  # the conversion took the cached tokenizer instead of reading the GGUF again
     again = teacher_lib.load_tokenizer(gguf, cache_dir=cache)
     assert again.name_or_path == str(teacher_dir)
     assert tokenizer_sha256(again) == tokenizer_sha256(first)

@@ -7,8 +7,9 @@
 Shards are concatenated in the order given (``--input-glob`` sorts the matches), so merging the
 shards of one input list in order reproduces the bytes of a single ``tools/binarize.py`` run.
 The shards must share the tokenizer (provenance hash), special tokens, dtype, language and
-script (``--allow-mixed-languages`` lifts the last two), and their framing. This file parses the
-command line and prints; :func:`megadistill.data.merge.merge_datasets` does the work.
+script (``--allow-mixed-languages`` lifts the last two), and their framing. A pair without
+``.json`` (written by Megatron-LM) is refused until ``tools/adopt_dataset.py`` records one. This
+file parses the command line and prints; :func:`megadistill.data.merge.merge_datasets` does the work.
 
 Exit status: 0 merged, 2 bad input (one line naming the shard and the field).
 """

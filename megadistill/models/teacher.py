@@ -159,6 +159,7 @@ def _cached_conversion(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         gguf_path = get_gguf()
+        _copy_cached_tokenizer(cache_root / "tokenizers" / final.name, partial)
         _convert_gguf(gguf_path, partial)
         (partial / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": gguf_sha256}, indent=2))
         share_modes(partial)
@@ -172,8 +173,16 @@ def _cached_conversion(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
     return final
 
 
+def _copy_cached_tokenizer(source: Path, out_dir: Path) -> None:
+    """Copy a tokenizer cached alone by :func:`_cached_tokenizer` into ``out_dir`` (nothing when there is none)."""
+    if (source / "tokenizer_config.json").is_file():
+        for path in source.iterdir():
+            if path.is_file() and path.name != SOURCE_FILE:
+                shutil.copy2(path, out_dir / path.name)
+
+
 def share_modes(directory: Path) -> None:
-    """Give ``directory`` and everything in it the modes a plain ``open``/``mkdir`` would (``0o666``/``0o777`` minus the umask).
+    """Give ``directory`` and all in it the modes plain ``open``/``mkdir`` give (``0o666``/``0o777`` minus the umask).
 
     ``mkdtemp`` and ``save_pretrained`` (``model.safetensors``) create private ``0o600`` files; a
     shared cache (``~/.cache/megadistill``, a cluster's shared disk) must stay readable by others.
@@ -186,7 +195,7 @@ def share_modes(directory: Path) -> None:
 
 
 def _cached_tokenizer(gguf_sha256: str, get_gguf, cache_root: Path) -> Path:
-    """A directory with the GGUF's tokenizer alone: the converted teacher's if it exists, else ``<cache_root>/tokenizers/<sha[:16]>``.
+    """A directory with the GGUF's tokenizer: the converted teacher's if cached, else ``<cache_root>/tokenizers/<sha[:16]>``.
 
     The tokenizer is read from the GGUF metadata (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``)
     and saved with ``save_pretrained``, exactly as :func:`_convert_gguf` saves it beside the weights,
@@ -214,11 +223,14 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     Peak memory is about twice the fp32 model: the dequantized model is copied into a plain one
     because a model loaded from GGUF carries a quantization config that ``save_pretrained`` rejects.
+    A tokenizer already in ``out_dir`` (copied from the tokenizer cache) is kept, not read again.
     """
     start = time.perf_counter()
     logger.info("converting %s (dequantizing to fp32; done once, then cached)", gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    logger.info("tokenizer read from GGUF in %.1f s", time.perf_counter() - start)
+    tokenizer = None
+    if not (out_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        logger.info("tokenizer read from GGUF in %.1f s", time.perf_counter() - start)
     quantized = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
@@ -230,7 +242,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     plain.load_state_dict(quantized.state_dict())
     del quantized
     plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     logger.info("converted teacher written in %.1f s", time.perf_counter() - start)
 
 
@@ -308,18 +321,18 @@ def load_teacher(
     return model, tokenizer
 
 
-def resolve_teacher_once(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+def resolve_teacher_once(spec: str | Path, cache_dir: str | Path | None = None, role: str = "teacher path") -> Path:
     """:func:`resolve_teacher` on every rank, with rank 0 converting/caching a GGUF teacher first.
 
     The other ranks wait at a barrier and then find the cached conversion, so a GGUF file is
-    dequantized once per job, not once per rank.
+    dequantized once per job, not once per rank. ``role`` names the spec in errors (``"student.checkpoint"``).
     """
     from megadistill import distributed
 
     if distributed.is_main():
-        resolve_teacher(spec, cache_dir)
+        resolve_teacher(spec, cache_dir, role)
     distributed.barrier()
-    return resolve_teacher(spec, cache_dir)
+    return resolve_teacher(spec, cache_dir, role)
 
 
 def load_teacher_once(spec: str | Path, cache_dir: str | Path | None = None):
