@@ -310,6 +310,8 @@ def _safe_yaml(text: str, what: str, path: Path | None = None) -> Any:
             where = what
         elif path is not None:
             where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+        elif mark.line:
+            where = f"{what}: line {mark.line + 1}, column {mark.column + 1}"
         else:
             where = f"{what}: column {mark.column + 1}"
         raise ValueError(f"{where}: invalid YAML: {detail}") from None

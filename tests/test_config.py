@@ -138,3 +138,14 @@ def test_long_values_are_cut_in_messages():
     with pytest.raises(ValueError) as err:
         load_config(None, ["train.max_steps=" + "x" * 10000])
     assert len(str(err.value)) < 200
+
+
+def test_override_key_with_a_newline_stays_one_line():
+    """Found by bench/fuzz.py: the key was printed raw, so the message spanned two lines."""
+    with pytest.raises(ValueError, match=r"^override 0\\n0: column 1: invalid YAML: found undefined alias '0'$"):
+        load_config(None, ["0\n0=*0"])
+    with pytest.raises(ValueError, match=r"^override a\\nb\.c: a\\nb is not a section$") as err:
+        load_config(None, ["a\nb=1", "a\nb.c=2"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"override train\.max_steps: line 2, column 1: invalid YAML"):
+        load_config(None, ["train.max_steps=0\n:"])
