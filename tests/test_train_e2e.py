@@ -5,10 +5,13 @@ and is resumed by rerunning the same command must reproduce the same loss sequen
 exported student loads with ``AutoModelForCausalLM`` and its tokenizer yields student ids.
 """
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +45,9 @@ def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
     return root
 
 
-def run_train(workspace: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+def train_args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``megadistill/train.py`` arguments of the tiny 2-layer quickstart run (6 steps)."""
+    return [
         "--ds_config", "ds_configs/cpu_zero3.json", "--config", "megadistill/recipes/quickstart.yaml",
         f"run_dir={run_dir}", f"teacher.path={workspace / 'teacher'}",
         f"data.train_prefixes=[{workspace / 'data' / 'hin.train'}]",
@@ -53,6 +56,11 @@ def run_train(workspace: Path, run_dir: Path, *extra: str) -> subprocess.Complet
         "train.max_steps=6", "train.eval_every_steps=3", "train.eval_max_batches=2", "train.save_every_steps=3",
         "optim.warmup_steps=2", "loss.chunk_size_tokens=16", *extra,
     ]
+
+
+def run_train(workspace: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+           *train_args(workspace, run_dir, *extra)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -186,3 +194,91 @@ def test_feature_matching_and_online_topk_run(workspace):
                                           + r["feat_relation"], rel=1e-6)
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert not any("projector" in k for k in exported.state_dict())
+
+
+def launch_and_interrupt(workspace: Path, run_dir: Path, trigger, sig: int, log_path: Path) -> int:
+    """Start a 2-rank run in its own session; when ``trigger()`` is true send ``sig`` to its whole process group."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+           *train_args(workspace, run_dir, "train.save_every_steps=1")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if trigger():
+                os.killpg(proc.pid, sig)  # the whole group, as SLURM's scancel and Ctrl-C do
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=120)
+        try:
+            wait_for_group(proc.pid, timeout_s=120)  # the ranks outlive the runner, which dies at once
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
+
+
+def wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of group ``pgid`` is left."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process group {pgid} still running after {timeout_s} s")
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def mid_save(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith(".partial.") for p in ckpts.iterdir())
+
+
+def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tmp_path):
+    """SIGTERM (graceful), SIGKILL in the middle of a checkpoint save, and SIGKILL at random moments; then
+    one run to the end: the loss sequence equals the uninterrupted run's bitwise, nothing partial remains."""
+    import random
+
+    rng = random.Random(15)
+    run_dir = workspace / "run_killed"
+    start = time.time()
+    # 1: SIGTERM once step 2 is logged: that step finishes, is saved, the ranks exit 0.
+    launch_and_interrupt(workspace, run_dir, lambda: logged_steps(run_dir) >= 2, signal.SIGTERM, tmp_path / "term.log")
+    out = (tmp_path / "term.log").read_text()
+    assert "stopped by SIGTERM after step" in out and "Traceback" not in out, out[-3000:]
+    assert not mid_save(run_dir)
+    resumed_at = int((run_dir / "checkpoints" / "latest").read_text().strip()[5:])
+    assert resumed_at >= 2
+    # 2: SIGKILL as soon as a save has started writing (a partial folder exists).
+    launch_and_interrupt(workspace, run_dir, lambda: mid_save(run_dir), signal.SIGKILL, tmp_path / "kill_save.log")
+    assert mid_save(run_dir), "the kill was meant to land inside a save"
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest).is_dir(), "latest must name a complete checkpoint after a kill mid-save"
+    # 3, 4: SIGKILL at random moments after a further step started.
+    for attempt in range(2):
+        begin, delay = logged_steps(run_dir), rng.uniform(0.0, 1.5)
+        fire = []
+
+        def trigger():
+            if not fire and logged_steps(run_dir) > begin:
+                fire.append(time.time() + delay)
+            return bool(fire) and time.time() >= fire[0]
+
+        launch_and_interrupt(workspace, run_dir, trigger, signal.SIGKILL, tmp_path / f"kill_{attempt}.log")
+    # The last run goes to the end.
+    proc = run_train(workspace, run_dir, "train.save_every_steps=1")
+    assert "resumed from step" in proc.stdout + proc.stderr
+    expected, got = train_losses(fresh_run), train_losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    assert got == expected, "resumed runs must repeat the uninterrupted losses bitwise on CPU"
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", ".partial"))) == ["step_0000005", "step_0000006"]
+    assert (run_dir / "hf" / "config.json").is_file()
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    print(f"interrupted 4 times (SIGTERM at step {resumed_at}, SIGKILL mid-save, 2 random SIGKILLs) in {time.time() - start:.0f} s")
