@@ -68,9 +68,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int 
         # after its opening collectives, so this matches the barrier the failed rank skipped.
         distributed.barrier()
     if _any_rank(error is not None):
-        if distributed.is_main():
-            raise _save_error(ckpt_dir, tag, partial, error)
-        raise CheckpointError(f"checkpoint {ckpt_dir / tag} not saved: {error or 'another rank failed to write its shard (see its error)'}")
+        raise _save_failed(ckpt_dir, tag, partial, error)
     _collective(lambda: _commit(ckpt_dir, partial, tag, keep), f"checkpoint {ckpt_dir / tag} not committed")
 
 
@@ -103,27 +101,36 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def _save_error(ckpt_dir: Path, tag: str, partial: Path, error: BaseException | None) -> CheckpointError:
-    """Rank 0: remove the partial folder and describe the failure (disk full with sizes)."""
-    written = tree_bytes(partial)
-    free_at_failure = shutil.disk_usage(ckpt_dir).free
-    shutil.rmtree(partial, ignore_errors=True)
+def _save_failed(ckpt_dir: Path, tag: str, partial: Path, error: BaseException | None) -> CheckpointError:
+    """Every rank: measure the partial save, let rank 0 remove it, and describe the failure.
+
+    The disk is diagnosed from the error and the free space before the partial folder is removed,
+    so a rank whose own writes succeeded reports the same full disk as the one whose writes failed.
+    """
+    written, free_at_failure = tree_bytes(partial), shutil.disk_usage(ckpt_dir).free
+    distributed.barrier()  # every rank has measured before rank 0 deletes
+    if distributed.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()
     previous = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
     kept = f"{ckpt_dir / 'latest'} still names {previous}" if previous else "no earlier checkpoint exists"
-    if error is not None and is_disk_full(error, free_at_failure):
+    if is_disk_full(error, free_at_failure):
         older = complete_checkpoints(ckpt_dir)
         needed = max(written, tree_bytes(older[-1]) if older else 0)
         return CheckpointError(errno.ENOSPC, f"checkpoint {ckpt_dir / tag} not saved: disk full ({written:,} bytes written "
                                f"before it filled; a checkpoint of this run needs about {needed:,} bytes, "
                                f"{shutil.disk_usage(ckpt_dir).free:,} free now): free space or move run_dir; {kept}")
-    return CheckpointError(f"checkpoint {ckpt_dir / tag} not saved: {error or 'another rank failed to write its shard (see its error)'}; {kept}")
+    cause = " ".join(str(error).split()) if error is not None else "another rank failed to write its shard (see its error)"
+    return CheckpointError(f"checkpoint {ckpt_dir / tag} not saved: {cause}; {kept}")
 
 
-def is_disk_full(error: BaseException, free_bytes: int) -> bool:
-    """Whether ``error`` (or an error it was raised from) is ENOSPC/EDQUOT, or a write failure on a full disk.
+def is_disk_full(error: BaseException | None, free_bytes: int) -> bool:
+    """Whether a write failed on a full disk: ``error`` (or one it was raised from) is ENOSPC/EDQUOT, or
+    under 1 MiB was free when it failed.
 
-    ``torch.save`` reports a full disk as ``RuntimeError: ... file write failed`` without an errno,
-    hence the second test: a write error while under 1 MiB is free.
+    ``torch.save`` reports a full disk without an errno (``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos ...`` or ``file write failed``), hence the free-space test,
+    which also lets a rank whose own writes succeeded diagnose the disk another rank filled.
     """
     seen = error
     while seen is not None:
@@ -132,7 +139,7 @@ def is_disk_full(error: BaseException, free_bytes: int) -> bool:
         if "No space left on device" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    return "write failed" in str(error) and free_bytes < 2**20
+    return free_bytes < 2**20
 
 
 def _any_rank(flag: bool) -> bool:
@@ -207,7 +214,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, extra_file
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = err
     if _any_rank(error is not None):
-        if error is not None and is_disk_full(error, shutil.disk_usage(out_dir.parent).free):
+        if is_disk_full(error, getattr(error, "free_at_failure", shutil.disk_usage(out_dir.parent).free)):
             raise CheckpointError(errno.ENOSPC, f"export {out_dir} not written: disk full (the weights need about {needed:,} "
                                   f"bytes, {shutil.disk_usage(out_dir.parent).free:,} free): free space or move run_dir; "
                                   "the last checkpoint is intact, rerun the same command to export again")
@@ -217,8 +224,14 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, extra_file
 
 def _write_export(model: torch.nn.Module, tokenizer, out_dir: Path, extra_files: dict[str, dict]) -> None:
     """Rank 0: ``save_pretrained`` of model and tokenizer plus ``extra_files`` into ``out_dir``, atomically."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):  # left by a process killed mid-export
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, payload in extra_files.items():
-            (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, payload in extra_files.items():
+                (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+        except Exception as err:
+            err.free_at_failure = shutil.disk_usage(tmp).free  # measured before the partial export is removed
+            raise

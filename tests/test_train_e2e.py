@@ -282,3 +282,50 @@ def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tm
     assert (run_dir / "hf" / "config.json").is_file()
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     print(f"interrupted 4 times (SIGTERM at step {resumed_at}, SIGKILL mid-save, 2 random SIGKILLs) in {time.time() - start:.0f} s")
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size_bytes: int):
+    """A tmpfs of ``size_bytes`` mounted at ``path`` (root only: yields False when mounting is refused)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fresh_run, tmp_path):
+    """The run directory on a tmpfs with room for two checkpoints: the third save fails with one line, the
+    two earlier checkpoints stay complete, nothing partial remains; with more room the rerun resumes and
+    repeats the uninterrupted losses."""
+    from megadistill.files import tree_bytes
+
+    ckpt = tree_bytes(fresh_run / "checkpoints" / "step_0000006")
+    rest = sum(tree_bytes(p) if p.is_dir() else p.stat().st_size for p in fresh_run.iterdir() if p.name not in ("checkpoints", "hf"))
+    mount = tmp_path / "small"
+    with small_tmpfs(mount, rest + int(2.5 * ckpt) + 256 * 1024) as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs needs root (CI runs as root); the in-process disk-full tests still run")
+        run_dir = mount / "run"
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+               *train_args(workspace, run_dir, "train.save_every_steps=1")]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        errors = [line for line in out.splitlines() if line.startswith("megadistill.train: error:")]
+        assert errors and "disk full" in errors[0] and "needs about" in errors[0] and "still names step_" in errors[0], out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        ckpts = run_dir / "checkpoints"
+        kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", ".partial")))
+        latest = (ckpts / "latest").read_text().strip()
+        assert latest in kept and all(n.startswith("step_") for n in kept), kept
+        failed_at = int(latest[5:]) + 1
+        assert f"checkpoint {ckpts / f'step_{failed_at:07d}'} not saved" in errors[0]
+        subprocess.run(["mount", "-o", f"remount,size={64 * 2**20}", str(mount)], check=True)
+        again = run_train(workspace, run_dir, "train.save_every_steps=1")
+        assert f"resumed from step {int(latest[5:])}" in again.stdout + again.stderr
+        assert train_losses(run_dir) == train_losses(fresh_run)
