@@ -145,7 +145,7 @@ def _batch_logits(model, tokenizer, texts: list[str], max_len_tokens: int, devic
     # Right padding keeps every real token at the position it has alone, so a causal model
     # without explicit position ids gives each text the same logits in any batch.
     enc = tokenizer(texts, truncation=True, max_length=max_len_tokens, padding="longest", padding_side="right",
-                    return_tensors="pt")
+                    return_tensors="pt", split_special_tokens=True)  # as in training (tasks.encode_texts)
     # Generic fast tokenizers may return token_type_ids, which decoder forwards do not take.
     accepted = inspect.signature(model.forward).parameters
     inputs = {key: value.to(device) for key, value in enc.items() if key in accepted}
@@ -188,7 +188,7 @@ def predict_classes(model, tokenizer, texts: Sequence[str], *, batch_size: int =
     logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
         return np.zeros(0, dtype=np.int64), logits
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_len_tokens)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_len_tokens, split_special_tokens=True)["input_ids"]]
     order = np.argsort(-np.asarray(lengths), kind="stable")
     was_training = model.training
     model.eval()

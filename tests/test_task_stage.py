@@ -158,3 +158,11 @@ def test_token_classification_teacher_and_distilled_student(workspace, sib200_di
     model = AutoModelForTokenClassification.from_pretrained(out / "hf")
     assert [model.config.id2label[i] for i in range(4)] == ["FUNC", "NUM", "PUNCT", "WORD"]
     assert min(losses(out, key="kd")) > 0
+
+
+def test_missing_teacher_is_named_before_anything_loads(workspace, sib200_dir, tmp_path):
+    proc = finetune(sib200_dir, "--model", workspace / "student_lm", "--teacher", tmp_path / "no_such_teacher", "--alpha", "0.5",
+                    "--out", workspace / "bad_teacher", ranks=1, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "teacher.path" in lines[-1] and "no_such_teacher" in lines[-1], proc.stderr[-2000:]
+    assert not any("Traceback" in line for line in lines)

@@ -207,3 +207,12 @@ def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
     a = task_train_indices(0, 1, 2, 4, 400, 3, lengths)
     steps = [next(a) for _ in range(60)]
     assert next(task_train_indices(57 * 8, 1, 2, 4, 400, 3, lengths)) == steps[57]
+
+
+def test_literal_special_tokens_in_a_sentence_stay_text(tiny_tokenizer, bert_tokenizer):
+    """A sentence that contains "<eos>" / "[SEP]" as characters gets no control id in its middle."""
+    for tok, literal in ((tiny_tokenizer, tiny_tokenizer.eos_token), (bert_tokenizer, bert_tokenizer.sep_token)):
+        control = set(tok.all_special_ids)
+        row = encode_texts([f"the end {literal} is near"], tok, max_len_tokens=64).ids[0]
+        inner = [int(i) for i in row[1:-1]]
+        assert not control & set(inner), (literal, inner)

@@ -326,9 +326,8 @@ class EncodedTexts:
 def encode_texts(texts: Sequence[str], tokenizer, max_len_tokens: int, batch_size: int = 512) -> EncodedTexts:
     """Tokenize ``texts`` with ``tokenizer`` (its special tokens added), truncated to ``max_len_tokens``.
 
-    Text is encoded as text: a literal ``<eos>`` in a sentence stays characters only if the
-    tokenizer does not parse special tokens in input (HF fast tokenizers do parse them; SIB-200
-    has none).
+    Text is encoded as text: a literal ``<eos>`` or ``</s>`` in a sentence stays characters
+    (``split_special_tokens=True``), never a control id in the middle of an example.
 
     Raises:
         ValueError: ``max_len_tokens`` < 2.
@@ -338,7 +337,7 @@ def encode_texts(texts: Sequence[str], tokenizer, max_len_tokens: int, batch_siz
     ids, truncated = [], 0
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
-        full = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+        full = tokenizer(chunk, add_special_tokens=True, split_special_tokens=True)["input_ids"]
         for row in full:
             truncated += len(row) > max_len_tokens
             ids.append(np.asarray(_truncate(row, max_len_tokens, tokenizer), dtype=np.int64))

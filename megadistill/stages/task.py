@@ -53,7 +53,7 @@ def check_classifier_config(directory: Path, label_set: LabelSet, role: str, kin
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
     if role != "student" and not _is_classifier(config, kind):
         raise ValueError(f"{role} checkpoint {directory} has no {kind} classification head (architectures "
                          f"{config.architectures}): fine-tune one first with tools/finetune.py --model {directory} "
@@ -82,8 +82,8 @@ def load_classifier(directory: Path, label_set: LabelSet, role: str, kind: str =
     kwargs = {} if _is_classifier(config, kind) else {"num_labels": len(names), "id2label": label_set.id2label,
                                                       "label2id": {n: i for i, n in enumerate(names)}}
     auto = AutoModelForTokenClassification if kind == "token" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(directory, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = auto.from_pretrained(directory, dtype=torch.float32, local_files_only=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{role} tokenizer {directory} has neither a pad nor an EOS token to pad batches with")
@@ -148,7 +148,7 @@ def _open_teacher(cfg: RunConfig, spec: ClassifySpec, train: TaskSplit):
         cache = TaskLogitCache(cfg.teacher.logit_cache)
         cache.check_compatible(train, cfg.task.max_len_tokens)
         return cache
-    directory = resolve_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
+    directory = resolve_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir, role="teacher.path")
     check_classifier_config(directory, train.label_set, "teacher", cfg.task.kind)
     return directory
 
@@ -229,6 +229,22 @@ def _best_exporter(run_dir: Path, metric: str, export):
     return on_eval
 
 
+def check_task_paths(cfg: RunConfig) -> None:
+    """The student, the teacher (when one is used) and the logit cache exist, before anything loads.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the config field and the path.
+    """
+    from megadistill.models.teacher import check_model_spec
+
+    check_model_spec(cfg.student.checkpoint, "student.checkpoint")
+    if cfg.task.alpha < 1.0 and cfg.teacher.mode == "online":
+        check_model_spec(cfg.teacher.path, "teacher.path")
+    if cfg.task.alpha < 1.0 and cfg.teacher.mode == "offline" and not (Path(cfg.teacher.logit_cache or "") / "meta.json").is_file():
+        raise FileNotFoundError(f"teacher.logit_cache: {cfg.teacher.logit_cache}/meta.json not found: write the cache "
+                                "with tools/cache_teacher_logits.py --task ...")
+
+
 def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     """Data, student classifier, teacher signal, objective and engines of a task run.
 
@@ -236,12 +252,13 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         ValueError / FileNotFoundError: bad task files, labels, student, teacher or cache (naming them).
     """
     task, run_dir = cfg.task, Path(cfg.run_dir)
+    check_task_paths(cfg)
     train, dev = _load(task, "train"), _load(task, "dev")
     if dev.label_set.names != train.label_set.names:
         raise ValueError(f"label sets differ between splits: {train.label_set.source} vs {dev.label_set.source}")
     spec = _spec(cfg, len(train.label_set))
     teacher_source = _open_teacher(cfg, spec, train)
-    student_dir = resolve_teacher_once(cfg.student.checkpoint, cfg.teacher.cache_dir)
+    student_dir = resolve_teacher_once(cfg.student.checkpoint, cfg.teacher.cache_dir, role="student.checkpoint")
     student, tokenizer = load_classifier(student_dir, train.label_set, "student", task.kind)
     train_ids = _encode(task.kind, train, tokenizer, task.max_len_tokens)
     dev_ids = _encode(task.kind, dev, tokenizer, task.max_len_tokens)
