@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.train.seed)
     run_dir, wall_start = Path(cfg.run_dir), time.time()
     if distributed.is_main():
-        save_config(cfg, run_dir / "config.yaml")
+        _write_run_config(cfg, run_dir)
 
     built = STAGES[cfg.stage].build(cfg, engine.load_ds_config(args.ds_config))
     ckpt_dir = run_dir / "checkpoints"
@@ -101,6 +101,21 @@ def main(argv=None) -> int:
         log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
     distributed.barrier()
     return 0
+
+
+def _write_run_config(cfg, run_dir: Path) -> None:
+    """Create ``run_dir`` and write its ``config.yaml``, before anything heavy loads.
+
+    Raises:
+        ValueError: ``run_dir`` exists and is not a directory.
+        OSError: it cannot be written (read-only filesystem, permissions, full disk), naming it.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a directory: choose another run_dir")
+    try:
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        raise OSError(err.errno, f"run_dir {run_dir} is not writable ({err.strerror or err}): choose another run_dir") from err
 
 
 def cli(argv=None) -> int:

@@ -329,3 +329,24 @@ def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fre
         again = run_train(workspace, run_dir, "train.save_every_steps=1")
         assert f"resumed from step {int(latest[5:])}" in again.stdout + again.stderr
         assert train_losses(run_dir) == train_losses(fresh_run)
+
+
+def test_unwritable_run_dir_is_one_line_through_the_console_entry(workspace, tmp_path):
+    """``megadistill-train`` (the console entry) with run_dir on a read-only filesystem, and run_dir a file."""
+    ro = tmp_path / "ro"
+    base = ["--ds_config", "ds_configs/cpu_zero3.json", "--config", "megadistill/recipes/quickstart.yaml",
+            f"teacher.path={workspace / 'teacher'}", f"data.train_prefixes=[{workspace / 'data' / 'hin.train'}]"]
+    entry = [str(Path(sys.executable).parent / "megadistill-train")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run(entry + base + [f"run_dir={tmp_path / 'a_file'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"megadistill.train: error: run_dir {tmp_path / 'a_file'} exists and is not a directory: choose another run_dir")
+    with small_tmpfs(ro, 1 << 20) as mounted:
+        if not mounted:
+            pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        proc = subprocess.run(entry + base + [f"run_dir={ro / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"megadistill.train: error: run_dir {ro / 'run'} is not writable (Read-only file system)"), last
