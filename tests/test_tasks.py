@@ -216,3 +216,30 @@ def test_literal_special_tokens_in_a_sentence_stay_text(tiny_tokenizer, bert_tok
         row = encode_texts([f"the end {literal} is near"], tok, max_len_tokens=64).ids[0]
         inner = [int(i) for i in row[1:-1]]
         assert not control & set(inner), (literal, inner)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"index_id\tcategory\ttext\n1\ta\tgo\xffod\n", r"t\.tsv:2: not UTF-8 text"),
+    (b"index_id\tcategory\ttext\n1\ta\tgo\x00od\n", r"t\.tsv:2 \(category\): field 'text' contains a NUL byte"),
+])
+def test_bad_bytes_in_a_tsv_name_the_line(tmp_path, content, message):
+    (tmp_path / "t.tsv").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_tsv(tmp_path / "t.tsv", LabelSet(("a", "b"), "labels.txt"))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"n": ' + "[" * 100000 + "]" * 100000 + ', "text": "x", "label": "a"}', r"t\.jsonl:2: JSON nested too deeply"),
+    ('{"n": ' + "9" * 5000 + ', "text": "x", "label": "a"}', r"t\.jsonl:2: unreadable JSON"),
+    ('{"text": "x", "label": {"a": 1}}', r"t\.jsonl:2 \(label\): field 'label' must be a label name .*got dict"),
+])
+def test_hostile_jsonl_lines_are_one_line_errors(tmp_path, line, message):
+    ok = json.dumps({"text": "x\u2028y", "label": "a"}, ensure_ascii=False)  # U+2028 is not a line break in .jsonl
+    (tmp_path / "t.jsonl").write_text(ok + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(tmp_path / "t.jsonl", LabelSet(("a", "b"), "labels.txt"))
+
+
+def test_line_separator_inside_a_jsonl_string_is_text(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "x\u2028y", "label": "a"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_jsonl(tmp_path / "t.jsonl", LabelSet(("a", "b"), "labels.txt")).texts == ["x\u2028y"]

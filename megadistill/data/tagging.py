@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megadistill.data.tasks import LabelSet, json_object, right_pad
+from megadistill.data.tasks import LabelSet, json_object, read_lines, right_pad
 
 __all__ = ["IGNORE_INDEX", "MISSING_WORD", "TaggedSplit", "align_word_labels", "collate_tagged", "encode_tagged",
            "read_tagged_jsonl", "word_predictions"]
@@ -86,7 +86,7 @@ def read_tagged_jsonl(path: str | Path, label_set: LabelSet | None) -> TaggedSpl
     if not path.is_file():
         raise FileNotFoundError(f"tagging file {path} not found (one JSON object per line with 'tokens' and 'tags')")
     rows = []
-    for line, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line, raw in enumerate(read_lines(path), start=1):
         if raw.strip():
             rows.append((line, *_parse_line(raw, f"{path}:{line}")))
     if not rows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -78,8 +79,28 @@ def read_labels(path: str | Path) -> LabelSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} not found (one label name per line)")
-    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    names = tuple(line.strip() for line in read_lines(path) if line.strip())
     return LabelSet(names, str(path))
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, split on ``\n`` only (``\r`` stripped).
+
+    ``str.splitlines`` would also split inside a JSON string at U+2028, U+0085 or ``\x1c``.
+
+    Raises:
+        ValueError: the file is not UTF-8 (naming the file, line and byte).
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 @dataclass
@@ -119,12 +140,27 @@ class TaskSplit:
                          [language] * len(keep), self.label_set, self.sources)
 
 
-def _example(text: str | None, label: str | None, label_set: LabelSet, where: str) -> tuple[str, int]:
-    if text is None or not str(text).strip():
-        raise ValueError(f"{where}: field 'text' is empty")
-    if label is None or str(label).strip() == "":
+def _example(text, label, label_set: LabelSet, where: str) -> tuple[str, int]:
+    """``(text, label id)`` of one example; ``where`` (``file:line``) starts every error."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: field 'text' is empty" if text is None or isinstance(text, str)
+                         else f"{where}: field 'text' must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise ValueError(f"{where}: field 'text' contains a NUL byte")
+    return text, label_set.index(label_name(label, where), where)
+
+
+def label_name(label, where: str) -> str:
+    """A label given as a string or an integer, as the name ``labels.txt`` would hold.
+
+    Raises:
+        ValueError: empty, or not a string/integer (a list or object), naming ``where``.
+    """
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"{where}: field 'label' must be a label name (string or integer), got {type(label).__name__}")
+    if str(label).strip() == "":
         raise ValueError(f"{where}: field 'label' is empty")
-    return str(text), label_set.index(str(label).strip(), where)
+    return str(label).strip()
 
 
 def read_tsv(path: str | Path, label_set: LabelSet, language: str = "") -> TaskSplit:
@@ -138,7 +174,7 @@ def read_tsv(path: str | Path, label_set: LabelSet, language: str = "") -> TaskS
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} not found")
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO("\n".join(read_lines(path))) as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for c in ("index_id", "category", "text") if c not in (reader.fieldnames or [])]
         if missing:
@@ -162,6 +198,10 @@ def json_object(raw: str, where: str, fields: Sequence[str]) -> dict:
         row = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not JSON ({err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to parse") from None
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+        raise ValueError(f"{where}: unreadable JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object with fields {' and '.join(map(repr, fields))}")
     for key in fields:
@@ -184,15 +224,16 @@ def read_jsonl(path: str | Path, label_set: LabelSet | None, language: str = "")
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} not found")
     rows = []
-    for line, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line, raw in enumerate(read_lines(path), start=1):
         if not raw.strip():
             continue
         rows.append((line, json_object(raw, f"{path}:{line}", ("text", "label"))))
     if label_set is None:
-        label_set = LabelSet(tuple(sorted({str(r["label"]) for _, r in rows})), f"{path} (labels seen in training)")
+        seen = {label_name(r["label"], f"{path}:{line}") for line, r in rows}
+        label_set = LabelSet(tuple(sorted(seen)), f"{path} (labels seen in training)")
     texts, labels, ids, langs = [], [], [], []
     for line, row in rows:
-        text, label = _example(row["text"], str(row["label"]), label_set, f"{path}:{line} (label)")
+        text, label = _example(row["text"], row["label"], label_set, f"{path}:{line} (label)")
         texts.append(text)
         labels.append(label)
         ids.append(str(row.get("id", line)))
