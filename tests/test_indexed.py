@@ -222,8 +222,11 @@ def test_provenance_round_trip(tmp_path):
     assert read_provenance(tmp_path / "c") == meta
     assert "हिन्दी" in path.read_text(encoding="utf-8")  # UTF-8, not \u escapes
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
-    with pytest.raises(FileNotFoundError, match=r"other\.json"):
+    with pytest.raises(FileNotFoundError, match=r"dataset .*other not found \(no .*other\.bin/\.idx\)"):
         read_provenance(tmp_path / "other")
+    write(tmp_path / "megatron", DOCS)  # a pair without provenance, as Megatron-LM writes it
+    with pytest.raises(FileNotFoundError, match=r"megatron\.json: no provenance; .*tools/adopt_dataset\.py"):
+        read_provenance(tmp_path / "megatron")
 
 
 def test_tokenizer_hash_is_stable_and_discriminates(tiny_tokenizer, sib200_dir, tmp_path):
@@ -374,3 +377,34 @@ def test_provenance_counts_must_match_the_index(tmp_path, monkeypatch):
     write_provenance(prefix, {"tokenizer": {"sha256": "0" * 64}, "documents": 4, "tokens": 15})
     with pytest.raises(ValueError, match=r'c\.json: "tokens" is 15 but .*c\.idx holds 14'):
         indexed.open_checked_datasets([prefix], tokenizer=None)
+
+
+def test_writer_leaves_no_temp_files_when_a_rename_or_a_close_fails(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    writer = IndexedDatasetWriter(tmp_path / "r", np.uint16)
+    writer.add_document([1, 2, 3])
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".idx"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        writer.finalize()
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp"))
+    writer = IndexedDatasetWriter(tmp_path / "a", np.uint16)
+    writer.add_document([1, 2, 3])
+
+    class FullDisk:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._bin.close()
+    writer._bin = FullDisk()
+    writer.abort()
+    assert not list(tmp_path.glob("a.*"))

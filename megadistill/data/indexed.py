@@ -247,15 +247,23 @@ class IndexedDatasetWriter:
             self._remove_temp_files()
             raise
         # .idx last: a reader that finds the new .idx also finds the matching new .bin.
-        os.replace(self._bin_tmp, self._bin_path)
-        os.replace(self._idx_tmp, self._idx_path)
+        try:
+            os.replace(self._bin_tmp, self._bin_path)
+            os.replace(self._idx_tmp, self._idx_path)
+        except BaseException:
+            self._remove_temp_files()  # a failed rename leaves no .tmp behind
+            raise
         logger.debug("wrote %s (%d documents)", self._idx_path, len(self._lengths))
 
     def abort(self) -> None:
         """Close and delete the temp files; any previous ``.bin``/``.idx`` stays as it was."""
         self._done = True
-        self._bin.close()
-        self._remove_temp_files()
+        try:
+            self._bin.close()  # flushing may fail again on a full disk: the temp files go regardless
+        except OSError:
+            pass
+        finally:
+            self._remove_temp_files()
 
     def _close_bin(self) -> None:
         """Flush the token stream to disk before the rename makes it visible."""
@@ -646,8 +654,12 @@ def read_provenance(prefix: str | Path) -> dict[str, Any]:
     """
     path = _provenance_path(prefix)
     if not path.is_file():
+        if not _paths(prefix)[1].is_file():
+            raise FileNotFoundError(f"dataset {prefix} not found (no {prefix}.bin/.idx): create it with "
+                                    f"python tools/binarize.py --input ... --output-prefix {prefix}")
         raise FileNotFoundError(
-            f"{path}: provenance file missing; re-binarize with: python tools/binarize.py --output-prefix {prefix} ..."
+            f"{path}: no provenance; if Megatron-LM (or another tool) wrote {prefix}.bin/.idx, check and record one with: "
+            f"python tools/adopt_dataset.py {prefix} --tokenizer <teacher>; else re-binarize with python tools/binarize.py"
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
