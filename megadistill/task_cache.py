@@ -9,14 +9,18 @@ so a stale cache can never feed the wrong example's logits.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megadistill.data.tasks import TaskSplit
-from megadistill.files import atomic_directory
+from megadistill.files import atomic_directory, tree_bytes
+from megadistill.teacher_cache import CacheDiskFull, disk_full_errno, interruptible, npy_bytes, write_npy
 
 FORMAT, VERSION = "megadistill-task-logits", 1
 
@@ -38,10 +42,16 @@ def teacher_class_logits(model: torch.nn.Module, tokenizer, split: TaskSplit, ma
 
 def write_task_cache(out_dir: str | Path, logits: np.ndarray, split: TaskSplit, *, teacher: str,
                      max_len_tokens: int) -> Path:
-    """Write a cache directory atomically (complete or absent); returns its path.
+    """Write a cache directory atomically (complete or absent; a previous one unchanged on failure); returns its path.
+
+    The files go into a temporary sibling directory, fsynced, renamed into place; SIGTERM / SIGINT
+    while writing remove it (:class:`CacheInterrupted`), and one arriving during the final renames
+    waits for them.
 
     Raises:
         ValueError: ``logits`` is not ``[len(split), len(label_set)]`` or holds non-finite values.
+        CacheDiskFull: ENOSPC / EDQUOT; one line with the file, bytes written, bytes the cache needs, bytes free.
+        CacheInterrupted: SIGTERM / SIGINT while writing.
     """
     logits = np.asarray(logits, dtype=np.float32)
     expected = (len(split), len(split.label_set))
@@ -52,10 +62,45 @@ def write_task_cache(out_dir: str | Path, logits: np.ndarray, split: TaskSplit, 
     meta = {"format": FORMAT, "version": VERSION, "teacher": teacher, "fingerprint": split.fingerprint(),
             "examples": len(split), "labels": list(split.label_set.names), "languages": sorted(set(split.languages)),
             "sources": split.sources, "max_len_tokens": max_len_tokens}
-    with atomic_directory(out_dir) as tmp:
-        np.save(tmp / "logits.npy", logits)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    return Path(out_dir)
+    files = {"logits.npy": functools.partial(write_npy, array=logits),
+             "meta.json": lambda f: f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))}
+    out_dir, progress = Path(out_dir), {"path": None, "written": 0}
+    try:
+        with interruptible(f"while writing the task logit cache {out_dir}: nothing was written (a previous cache there, "
+                           "if any, is unchanged); rerunning the same command writes it") as guard:
+            with atomic_directory(out_dir) as tmp:
+                _write_files(tmp, out_dir, files, progress)
+                guard.defer()  # the renames into place (leaving the block) finish before a signal acts
+    except OSError as err:
+        code = disk_full_errno(err)
+        if code is None:
+            raise
+        raise _task_disk_full(code, out_dir, logits, files, progress) from None
+    return out_dir
+
+
+def _write_files(tmp: Path, out_dir: Path, files: dict, progress: dict) -> None:
+    """Write ``files`` (name -> ``write(f)``) into ``tmp``, fsynced; ``progress`` gets the file and the bytes written."""
+    for name, write in files.items():
+        progress["path"] = out_dir / name
+        try:
+            with open(tmp / name, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            progress["written"] = tree_bytes(tmp)
+
+
+def _task_disk_full(code: int, out_dir: Path, logits: np.ndarray, files: dict, progress: dict) -> CacheDiskFull:
+    """The one-line :class:`CacheDiskFull` of a task cache (called after the temporary directory was removed)."""
+    meta_bytes = io.BytesIO()
+    files["meta.json"](meta_bytes)
+    needed = npy_bytes(logits) + len(meta_bytes.getvalue())
+    how = f"logits {logits.shape[0]} x {logits.shape[1]} float32 + meta.json, all written again"
+    return CacheDiskFull(code, progress["path"] or out_dir, progress["written"], needed, how, out_dir.parent, 0,
+                         done="a previous cache there, if any, is unchanged: free space or use another --output, "
+                              "then rerun the same command")
 
 
 class TaskLogitCache:

@@ -41,11 +41,18 @@ masked-position targets are DistilBERT's KD positions (Sanh et al. 2019, arXiv:1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,7 +65,7 @@ from megadistill.data.collate import IGNORE_INDEX
 from megadistill.data.indexed import tokenizer_sha256
 from megadistill.data.masking import MaskingConfig, MlmCollator
 from megadistill.data.packing import position_ids_from_documents
-from megadistill.files import atomic_write_text
+from megadistill.files import fsync_directory
 from megadistill.losses.logits import SparseTargets, topk_targets
 from megadistill.models.adapters import adapter_for
 from megadistill.models.teacher import final_hidden_states, output_softcap
@@ -71,9 +78,101 @@ OBJECTIVES = ("clm", "mlm")
 LOGPROB_RANGE_NATS = 32.0
 FP16_MAX = 65504.0
 
-__all__ = ["CacheSpec", "TeacherCache", "cached_rows", "compute_shard", "dataset_fingerprint", "masked_teacher_targets",
+__all__ = ["CacheDiskFull", "CacheInterrupted", "CacheSpec", "TeacherCache", "complete_shard_bytes", "disk_full_errno",
+           "interruptible", "npy_bytes", "remove_stale_temporaries", "write_cache_json", "write_npy", "cached_rows", "compute_shard", "dataset_fingerprint", "masked_teacher_targets",
            "mlm_replay", "pack_entries", "shard_windows", "spec_for_teacher", "teacher_hidden_rows", "teacher_targets",
            "unpack_entries", "window_hash", "write_shard"]
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class CacheDiskFull(OSError):
+    """The disk or quota filled (ENOSPC / EDQUOT) while a cache file was written; its partial files were removed.
+
+    ``str(err)`` is one line: the file, bytes written before it filled, an estimate of the bytes
+    still needed to finish the cache, the bytes free (after the cleanup) and what was kept.
+
+    Attributes:
+        errno: ``errno.ENOSPC`` or ``errno.EDQUOT``.
+        path: Path of the file being written (its final name).
+        written: int, bytes of the shard (or file) that reached the disk before the error.
+        needed: int, estimated bytes still to write to finish the cache.
+        free: int, bytes free on the cache's filesystem after the cleanup (``shutil.disk_usage``).
+    """
+
+    def __init__(self, code: int, path: Path, written: int, needed: int, how: str, root: Path, kept: int,
+                 shard: int | None = None, done: str | None = None) -> None:
+        self.path, self.written, self.needed = Path(path), written, needed
+        self.free = shutil.disk_usage(root).free
+        what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+        part = (f"{written:,} bytes of shard {shard} written before it filled (its partial files were removed)"
+                if shard is not None else f"{written:,} bytes of it written before it filled (the partial file was removed)")
+        done = done or (f"{kept} complete shards kept: free space or use another --output, "
+                        "then rerun the same command to resume")
+        super().__init__(code, f"{what} writing {path}: {part}; about {needed:,} more bytes needed to finish the cache "
+                               f"({how}); {self.free:,} bytes free on {root}; {done}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class CacheInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived while caching; raised by :func:`interruptible`'s handler so the cleanup runs.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): no ``except Exception`` swallows it.
+
+    Attributes:
+        signum: int, the signal number; ``128 + signum`` is the conventional exit status.
+    """
+
+    def __init__(self, signum: int, what: str) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {what}")
+
+
+class _SignalGuard:
+    """Handler raising :class:`CacheInterrupted` once; later signals, or those while deferred, are only remembered."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.pending, self.deferring, self.fired = what, None, False, False
+
+    def handle(self, signum: int, frame) -> None:
+        """The SIGTERM / SIGINT handler."""
+        if self.fired:  # the first one's cleanup is running: let it finish
+            return
+        if self.deferring:
+            self.pending = signum
+            return
+        self.fired = True
+        raise CacheInterrupted(signum, self.what)
+
+    def defer(self) -> None:
+        """From now on a signal waits until the ``interruptible`` block has ended (a commit must not stop halfway)."""
+        self.deferring = True
+
+
+@contextlib.contextmanager
+def interruptible(what: str):
+    """Within the block SIGTERM / SIGINT raise :class:`CacheInterrupted` (``what`` ends its message).
+
+    Main thread only (elsewhere a no-op guard). The previous handlers are restored after; a
+    signal deferred by ``guard.defer()`` is then raised again, as if it came just after the block.
+    Yields the guard.
+    """
+    guard = _SignalGuard(what)
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {signum: signal.signal(signum, guard.handle) for signum in SIGNALS}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if guard.pending is not None:
+            signal.raise_signal(guard.pending)
 
 
 @dataclass(frozen=True)
@@ -320,17 +419,161 @@ def shard_path(root: Path, shard: int, name: str) -> Path:
     return Path(root) / f"shard_{shard:06d}.{suffix}"
 
 
-def write_shard(root: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write a shard's arrays to temporary names, rename them, then write the completion marker."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    for name, array in arrays.items():
-        final = shard_path(root, shard, name)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, final)
-    shapes = {name: list(a.shape) for name, a in arrays.items()}
-    atomic_write_text(shard_path(root, shard, "done"), json.dumps({"shapes": shapes}))
+def write_shard(root: Path, shard: int, arrays: dict[str, np.ndarray], num_shards: int | None = None) -> None:
+    """Write a shard's arrays, then its completion marker, each to a temporary name, fsynced, renamed.
+
+    On any error (or :class:`CacheInterrupted`) before the marker is in place, the shard's
+    temporary and already renamed files are removed, so the directory holds only complete
+    shards; the error propagates.
+
+    Args:
+        num_shards: shards of the whole cache, for the estimate in a disk-full error (None: this shard only).
+    Raises:
+        CacheDiskFull: ENOSPC / EDQUOT; one line with the file, bytes of this shard written,
+            bytes still needed to finish the cache and bytes free.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = shard_path(root, shard, "done")
+    blobs = [(shard_path(root, shard, name), functools.partial(write_npy, array=a)) for name, a in arrays.items()]
+    shapes = json.dumps({"shapes": {name: list(a.shape) for name, a in arrays.items()}}).encode()
+    blobs.append((marker, lambda f: f.write(shapes)))
+    writer = _StagedWriter()
+    try:
+        for final, write in blobs:
+            writer.write(final, write)
+        fsync_directory(root)
+    except BaseException as err:
+        if not marker.is_file():
+            for final, _ in blobs:
+                final.unlink(missing_ok=True)
+        code = disk_full_errno(err)
+        if code is None:
+            raise
+        size = sum(npy_bytes(a) for a in arrays.values()) + len(shapes)
+        raise _shard_disk_full(code, root, shard, writer, size, num_shards) from None
+
+
+def write_cache_json(root: Path, name: str, text: str, num_shards: int) -> None:
+    """Write ``<root>/<name>`` (``plan.json``, ``meta.json``) through a temporary name, fsynced, renamed.
+
+    Raises:
+        CacheDiskFull: ENOSPC / EDQUOT (the temporary file removed, a previous file unchanged);
+            the estimate adds the shards still missing (``num_shards`` in all) at the mean complete-shard size.
+    """
+    root, data = Path(root), text.encode("utf-8")
+    writer = _StagedWriter()
+    try:
+        writer.write(root / name, lambda f: f.write(data))
+        fsync_directory(root)
+    except OSError as err:
+        code = disk_full_errno(err)
+        if code is None:
+            raise
+        sizes = complete_shard_bytes(root)
+        left = num_shards - len(sizes)
+        if left and not sizes:
+            needed, how = len(data), f"{len(data):,} bytes of {name}, plus {left} shards: none written yet to size them"
+        else:
+            per = round(sum(sizes) / len(sizes)) if sizes else 0
+            needed, how = len(data) + per * left, f"{len(data):,} bytes of {name} + {left} shards left x {per:,} bytes"
+        raise CacheDiskFull(code, root / name, writer.written, needed, how, root, len(sizes)) from None
+
+
+def write_npy(f, array: np.ndarray) -> None:
+    """``np.save(f, array)`` byte for byte, but the data goes through ``f.write``.
+
+    ``np.save`` on a real file uses ``ndarray.tofile``, whose full-disk error has no errno
+    (``OSError: N requested and M written``); ``f.write`` raises ``OSError(ENOSPC)``.
+    """
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+    f.write(array.data if array.size else b"")
+
+
+def npy_bytes(array: np.ndarray) -> int:
+    """Size in bytes of ``array`` as an ``.npy`` file (:func:`write_npy`: header + data)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(np.ascontiguousarray(array)))
+    return len(header.getvalue()) + array.nbytes
+
+
+class _StagedWriter:
+    """Writes files through ``.<name>.tmp<pid>`` + fsync + rename; counts the bytes that reached the disk."""
+
+    def __init__(self) -> None:
+        self.path, self.written = None, 0
+
+    def write(self, final: Path, write) -> None:
+        """``write(f)`` into a temporary sibling of ``final``, fsync, rename; on any error remove the temporary."""
+        self.path, tmp = final, final.with_name(f".{final.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            self.written += final.stat().st_size
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.written += tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def disk_full_errno(error: BaseException) -> int | None:
+    """``errno.ENOSPC`` / ``errno.EDQUOT`` when ``error`` (or one it was raised from) is a full disk or quota, else None."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return seen.errno
+        if "No space left on device" in str(seen):
+            return errno.ENOSPC
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp*`` files a killed writer (SIGKILL, power loss) left in ``root``; returns them.
+
+    Call only while no writer is running on ``root`` (rank 0, before the ranks start writing).
+    """
+    stale = [p for p in Path(root).glob(".*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def complete_shard_bytes(root: Path) -> list[int]:
+    """Disk space in bytes of each complete shard under ``root`` (its ``.npy`` files and marker), in shard order.
+
+    A file counts its allocated blocks where they exceed its size (a 4 KiB block per small file), so
+    the estimate of a disk-full error is what the shards really take.
+    """
+    sizes = []
+    for marker in sorted(Path(root).glob("shard_*.done.json")):
+        stem = marker.name[: -len(".done.json")]
+        sizes.append(sum(_disk_bytes(p) for p in Path(root).glob(f"{stem}.*")))
+    return sizes
+
+
+def _disk_bytes(path: Path) -> int:
+    """``max(size, allocated blocks)`` of a file, in bytes."""
+    stat = path.stat()
+    return max(stat.st_size, getattr(stat, "st_blocks", 0) * 512)
+
+
+def _shard_disk_full(code: int, root: Path, shard: int, writer: _StagedWriter, size: int,
+                     num_shards: int | None) -> CacheDiskFull:
+    """The :class:`CacheDiskFull` of shard ``shard`` (``size`` bytes in all), after its files were removed."""
+    sizes = complete_shard_bytes(root)
+    left = 1 if num_shards is None else num_shards - len(sizes)
+    if sizes:
+        per, basis = round(sum(sizes) / len(sizes)), "the mean complete shard"
+    else:
+        per, basis = size, f"the size of shard {shard}"
+    how = f"{left} shards left x {per:,} bytes, {basis}"
+    return CacheDiskFull(code, writer.path, writer.written, per * left, how, root, len(sizes), shard)
 
 
 def shard_is_complete(root: Path, shard: int) -> bool:

@@ -30,6 +30,7 @@ from megadistill.stages.build import open_cache
 from megadistill.teacher_cache import (CacheSpec, TeacherCache, compute_shard, directory_bytes_per_token, shard_path,
                                        write_shard)
 from megadistill.teachers import CachedTeacher, TeacherSignal
+from test_cache_faults import enospc_in_write_npy
 from test_teacher_cache import run_tool
 from tools import cache_teacher_logits
 
@@ -211,3 +212,31 @@ def test_rerun_resumes_and_otherwise_does_nothing(mlm_root, tmp_path):
     run_mlm_tool(mlm_root, out, "--k", "4", "--whole-word")
     assert {p.name: p.read_bytes() for p in sorted(out.glob("shard_*.npy"))} == {k: v[0] for k, v in before.items()}
     assert shard_path(out, 0, "entries").stat().st_mtime_ns == before[shard_path(out, 0, "entries").name][1]
+
+
+def test_disk_full_keeps_complete_mlm_shards_and_the_rerun_equals_the_uninterrupted_cache(mlm_root, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """ENOSPC on shard 1's last array (its other arrays already renamed): all of shard 1 goes, shard 0 stays."""
+    out = tmp_path / "full"
+    args = ["--teacher", str(mlm_root / "teacher"), "--data", str(mlm_root / "data" / "hin"), "--output", str(out),
+            "--seq-len", str(SEQ), "--seed", str(SEED), "--windows-per-shard", "16", "--micro-batch-size", "3",
+            "--chunk-tokens", "20", "--k", "255"]
+    for key, value in SINGLE_PROCESS.items():
+        monkeypatch.setenv(key, value)
+    enospc_in_write_npy(monkeypatch, ".shard_000001.masked_hash.npy.tmp")
+    assert cache_teacher_logits.run_cli(args) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cache_teacher_logits")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"cache_teacher_logits: error: disk full writing {shard_path(out, 1, 'masked_hash')}: "), lines
+    assert lines[0].endswith("; 1 complete shards kept: free space or use another --output, then rerun the same command "
+                             "to resume")
+    shards = {p.name: p.read_bytes() for p in sorted(out.glob("shard_*"))}
+    reference = {p.name: p.read_bytes() for p in sorted((mlm_root / "top255").glob("shard_*"))}
+    assert shards and all(name.startswith("shard_000000.") and reference[name] == data for name, data in shards.items())
+    assert not [p for p in out.iterdir() if ".tmp" in p.name] and not (out / "meta.json").exists()
+    monkeypatch.undo()
+    for key, value in SINGLE_PROCESS.items():
+        monkeypatch.setenv(key, value)
+    assert cache_teacher_logits.run_cli(args) == 0
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("shard_*"))} == reference
+    assert (out / "meta.json").read_bytes() == (mlm_root / "top255" / "meta.json").read_bytes()

@@ -21,8 +21,11 @@ checked) and the teacher's top-k is stored at the masked positions only.
 ``--task`` caches a fine-tuned teacher classifier's class logits on a task's training split
 (``stage: task`` with ``teacher.mode=offline``; same languages, order and ``task.max_len_tokens``;
 checked), one process, written atomically. Each shard is
-written under temporary names and marked complete last, so rerunning an interrupted command
-resumes where it stopped; ``meta.json`` appears only when every shard exists.
+written under temporary names (fsynced, renamed) and marked complete last, so rerunning an
+interrupted command resumes where it stopped; ``meta.json`` appears only when every shard exists.
+A full disk removes the partial shard, keeps the complete ones and exits 1 with one line (the
+file, bytes written, bytes still needed, bytes free); SIGTERM / SIGINT remove the partial shard
+and exit 128 + signum (143 / 130) with one line; rerunning the same command resumes in both cases.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ from megadistill import distributed
 from megadistill.data.indexed import open_checked_datasets
 from megadistill.data.blend import blend_if_several
 from megadistill.data.packing import PackedDataset
-from megadistill.files import atomic_write_text
 from megadistill.models.teacher import load_teacher_once, output_softcap
-from megadistill.teacher_cache import (CacheSpec, cache_meta, cached_rows, compute_shard, directory_bytes_per_token,
-                                       mlm_replay, shard_is_complete, shard_windows, spec_for_teacher, write_shard)
+from megadistill.teacher_cache import (CacheDiskFull, CacheInterrupted, CacheSpec, cache_meta, cached_rows, compute_shard,
+                                       directory_bytes_per_token, interruptible, mlm_replay, remove_stale_temporaries,
+                                       shard_is_complete, shard_windows, spec_for_teacher, write_cache_json, write_shard)
 
 log = logging.getLogger("megadistill.cache_teacher_logits")
 
@@ -109,17 +112,20 @@ def check_plan(output: Path, plan: dict) -> None:
 
 
 def write_my_shards(args, spec: CacheSpec, teacher, tokenizer, packed: PackedDataset, output: Path, meta: dict) -> int:
-    """Write the incomplete shards owned by this rank; returns tokens written."""
+    """Write the incomplete shards owned by this rank; returns tokens written.
+
+    Raises:
+        CacheDiskFull: as :func:`write_shard` (the partial shard removed, complete ones kept).
+    """
     rank, world = distributed.rank(), distributed.world_size()
     mine = [s for s in range(meta["num_shards"]) if s % world == rank and not shard_is_complete(output, s)]
     total = sum(len(shard_windows(spec, len(packed), s)) for s in mine) * spec.seq_len_tokens
-    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not distributed.is_main(), desc=f"cache rank {rank}")
     replay = mlm_replay(spec, tokenizer, packed) if mine else None
-    for s in mine:
-        write_shard(output, s, compute_shard(spec, teacher, len(tokenizer), packed, s, args.micro_batch_size,
-                                             args.chunk_tokens, replay))
-        bar.update(len(shard_windows(spec, len(packed), s)) * spec.seq_len_tokens)
-    bar.close()
+    with tqdm(total=total, unit="tok", unit_scale=True, disable=not distributed.is_main(), desc=f"cache rank {rank}") as bar:
+        for s in mine:
+            arrays = compute_shard(spec, teacher, len(tokenizer), packed, s, args.micro_batch_size, args.chunk_tokens, replay)
+            write_shard(output, s, arrays, meta["num_shards"])
+            bar.update(len(shard_windows(spec, len(packed), s)) * spec.seq_len_tokens)
     return total
 
 
@@ -143,12 +149,29 @@ def task_main(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the tool (see the module docstring); returns 0.
+
+    SIGTERM / SIGINT raise :class:`CacheInterrupted` (the partial shard removed, the previous
+    handlers restored after).
+
+    Raises:
+        ValueError, FileNotFoundError: bad arguments or inputs. CacheDiskFull: the disk filled (one-line message).
+    """
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.task:
-        return task_main(args)
+        with interruptible(f"while writing the task logit cache {args.output}: nothing was written (a previous cache "
+                           "there, if any, is unchanged); rerunning the same command writes it"):
+            return task_main(args)
     if not args.data:
         raise ValueError("--data is required (indexed-dataset prefixes), or --task for class logits")
+    with interruptible(f"while caching into {args.output}: the partial shard was removed, the complete shards are kept; "
+                       "rerunning the same command resumes"):
+        return cache_main(args)
+
+
+def cache_main(args) -> int:
+    """The LM cache: plan, this rank's shards, then (rank 0) ``meta.json``; returns 0."""
     spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard,
                      document_masking=not args.no_document_masking, temperature=args.temperature)
     spec.validate()
@@ -168,14 +191,15 @@ def main(argv=None) -> int:
     if distributed.is_main():
         output.mkdir(parents=True, exist_ok=True)
         check_plan(output, meta)
-        atomic_write_text(output / "plan.json", json.dumps(meta, indent=2))
+        remove_stale_temporaries(output)  # a killed run's; no rank writes yet
+        write_cache_json(output, "plan.json", json.dumps(meta, indent=2), meta["num_shards"])
     distributed.barrier()
     start = time.time()
     tokens = write_my_shards(args, spec, teacher, tokenizer, packed, output, meta)
     distributed.barrier()
     if distributed.is_main():
         meta.update(bytes_per_token=directory_bytes_per_token(output, meta), num_rows=cached_rows(output, meta))
-        atomic_write_text(output / "meta.json", json.dumps(meta, indent=2))
+        write_cache_json(output, "meta.json", json.dumps(meta, indent=2), meta["num_shards"])
         log.info("cache %s (%s): %d windows x %d tokens, %d rows, %.1f bytes/token; rank 0 wrote %d tokens in %.1f s",
                  output, spec.objective, meta["num_windows"], spec.seq_len_tokens, meta["num_rows"], meta["bytes_per_token"],
                  tokens, time.time() - start)
@@ -183,9 +207,24 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(argv=None) -> int:
+    """:func:`main` as a command: an expected failure is one line on stderr, no traceback; returns the exit status.
+
+    0 done; 1 disk full (:class:`CacheDiskFull`); 2 bad arguments or inputs; ``128 + signum``
+    (130 SIGINT, 143 SIGTERM) interrupted (:class:`CacheInterrupted`).
+    """
     try:
-        sys.exit(main())
+        return main(argv)
+    except CacheInterrupted as err:
+        print(f"cache_teacher_logits: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except CacheDiskFull as err:
+        print(f"cache_teacher_logits: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"cache_teacher_logits: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
