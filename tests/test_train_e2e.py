@@ -230,6 +230,12 @@ def wait_for_group(pgid: int, timeout_s: float) -> None:
     raise AssertionError(f"process group {pgid} still running after {timeout_s} s")
 
 
+def shm_segments() -> set[str]:
+    """Names of DeepSpeed's CPU all-reduce shared-memory segments present now."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -248,6 +254,7 @@ def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tm
     rng = random.Random(15)
     run_dir = workspace / "run_killed"
     start = time.time()
+    shm_before = shm_segments()
     # 1: SIGTERM once step 2 is logged: that step finishes, is saved, the ranks exit 0.
     launch_and_interrupt(workspace, run_dir, lambda: logged_steps(run_dir) >= 2, signal.SIGTERM, tmp_path / "term.log")
     out = (tmp_path / "term.log").read_text()
@@ -281,6 +288,7 @@ def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tm
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", ".partial"))) == ["step_0000005", "step_0000006"]
     assert (run_dir / "hf" / "config.json").is_file()
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert shm_segments() <= shm_before, "DeepSpeed's shm all-reduce segments must not outlive (killed) runs"
     print(f"interrupted 4 times (SIGTERM at step {resumed_at}, SIGKILL mid-save, 2 random SIGKILLs) in {time.time() - start:.0f} s")
 
 
