@@ -25,6 +25,12 @@ read with ``mmap``:
   read against other data, and ``shard_XXXXXX.done.json`` written last: a shard is complete
   iff its marker exists, so an interrupted writer leaves nothing that counts.
 
+Every file is written to ``.<name>.tmp<pid>``, fsynced and renamed (:func:`write_shard`,
+:func:`write_cache_json`). A full disk or quota removes the partial shard's files and raises
+:class:`CacheDiskFull` (one line: the file, bytes written, bytes still needed, bytes free);
+SIGTERM / SIGINT inside :func:`interruptible` raise :class:`CacheInterrupted`, with the same
+cleanup. Complete shards are never touched, so rerunning the writer resumes from them.
+
 A ``topk`` cache holds the top-k of the teacher distribution at the KD temperature
 ``CacheSpec.temperature`` (``softmax(z / T)``, tempered before the cut, so the tail bucket is
 the exact tempered tail ``sum_i p_i^(1/T)``); a tail bucket cannot be re-tempered later, so the
