@@ -1,4 +1,8 @@
-"""Graceful stop: SIGTERM / SIGINT finish the current optimizer step, save, and exit 0.
+"""Signals: the training loop's graceful stop, and the tools' interruptible writes.
+
+:class:`GracefulStop` (training): SIGTERM / SIGINT finish the current optimizer step, save, and exit 0.
+:func:`interruptible` (binarize, teacher caches): SIGTERM / SIGINT raise :class:`Interrupted` inside
+the block so that its ``finally`` removes partial files; commits can defer the signal.
 
 SLURM sends SIGTERM to every process of a job step before its time limit (``--signal``) or on
 ``scancel``; Ctrl-C sends SIGINT to every process of the foreground group. The first signal only sets
@@ -16,14 +20,16 @@ itself does not forward signals on one node (signal the process group, as SLURM 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["GracefulStop"]
+__all__ = ["GracefulStop", "Interrupted", "SignalGuard", "interruptible"]
 
 log = logging.getLogger("megadistill.stop")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -65,3 +71,72 @@ class GracefulStop:
             os._exit(128 + signum)
         self.requested, self.signal_name, self._first_at = True, name, time.monotonic()
         log.warning("%s received: finishing this step, saving a checkpoint, then exiting (send it again to exit now)", name)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived inside :func:`interruptible`; raised by its handler so the cleanup runs.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): no ``except Exception`` swallows it. ``str(err)``
+    is one line: ``interrupted by SIGTERM <what>``.
+
+    Attributes:
+        signum: int, the signal number; ``128 + signum`` is the conventional exit status.
+    """
+
+    def __init__(self, signum: int, what: str) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {what}")
+
+
+class SignalGuard:
+    """The handler :func:`interruptible` installs: raises its error once; later signals, and signals while
+    deferred, are only remembered (a cleanup or a commit must not stop halfway)."""
+
+    def __init__(self, what: str, error: type[Interrupted]) -> None:
+        self.what, self.error = what, error
+        self.pending: int | None = None
+        self._deferring, self._fired = False, False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The SIGTERM / SIGINT handler."""
+        if self._fired:  # the first signal's cleanup is running: let it finish
+            return
+        if self._deferring:
+            self.pending = signum
+            return
+        self._fired = True
+        raise self.error(signum, self.what)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block a signal is remembered, not raised; it acts when :func:`interruptible` ends."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def defer(self) -> None:
+        """From now on until :func:`interruptible` ends, a signal is remembered, not raised."""
+        self._deferring = True
+
+
+@contextlib.contextmanager
+def interruptible(what: str, error: type[Interrupted] = Interrupted) -> Iterator[SignalGuard]:
+    """Within the block SIGTERM / SIGINT raise ``error(signum, what)`` (main thread only; elsewhere a no-op).
+
+    The previous handlers are restored after; a signal deferred by the guard is then sent again,
+    so it acts as if it had come just after the block. Yields the :class:`SignalGuard`.
+    """
+    guard = SignalGuard(what, error)
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {signum: signal.signal(signum, guard.handle) for signum in _SIGNALS}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if guard.pending is not None:
+            signal.raise_signal(guard.pending)

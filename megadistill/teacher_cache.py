@@ -57,8 +57,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +73,8 @@ from megadistill.files import fsync_directory
 from megadistill.losses.logits import SparseTargets, topk_targets
 from megadistill.models.adapters import adapter_for
 from megadistill.models.teacher import final_hidden_states, output_softcap
+from megadistill.stop import Interrupted
+from megadistill.stop import interruptible as _interruptible
 
 FORMAT = "megadistill-teacher-cache"
 VERSION = 3
@@ -91,7 +91,6 @@ __all__ = ["CacheDiskFull", "CacheInterrupted", "CacheSpec", "TeacherCache", "co
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class CacheDiskFull(OSError):
@@ -124,61 +123,16 @@ class CacheDiskFull(OSError):
         return self.strerror
 
 
-class CacheInterrupted(BaseException):
-    """SIGTERM or SIGINT arrived while caching; raised by :func:`interruptible`'s handler so the cleanup runs.
+class CacheInterrupted(Interrupted):
+    """SIGTERM or SIGINT arrived while caching (:func:`interruptible`); the cleanup has run.
 
-    A ``BaseException`` (like ``KeyboardInterrupt``): no ``except Exception`` swallows it.
-
-    Attributes:
-        signum: int, the signal number; ``128 + signum`` is the conventional exit status.
+    ``str(err)`` is one line; ``signum`` the signal number (``128 + signum``: the exit status).
     """
 
-    def __init__(self, signum: int, what: str) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name} {what}")
 
-
-class _SignalGuard:
-    """Handler raising :class:`CacheInterrupted` once; later signals, or those while deferred, are only remembered."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.pending, self.deferring, self.fired = what, None, False, False
-
-    def handle(self, signum: int, frame) -> None:
-        """The SIGTERM / SIGINT handler."""
-        if self.fired:  # the first one's cleanup is running: let it finish
-            return
-        if self.deferring:
-            self.pending = signum
-            return
-        self.fired = True
-        raise CacheInterrupted(signum, self.what)
-
-    def defer(self) -> None:
-        """From now on a signal waits until the ``interruptible`` block has ended (a commit must not stop halfway)."""
-        self.deferring = True
-
-
-@contextlib.contextmanager
 def interruptible(what: str):
-    """Within the block SIGTERM / SIGINT raise :class:`CacheInterrupted` (``what`` ends its message).
-
-    Main thread only (elsewhere a no-op guard). The previous handlers are restored after; a
-    signal deferred by ``guard.defer()`` is then raised again, as if it came just after the block.
-    Yields the guard.
-    """
-    guard = _SignalGuard(what)
-    if threading.current_thread() is not threading.main_thread():
-        yield guard
-        return
-    previous = {signum: signal.signal(signum, guard.handle) for signum in SIGNALS}
-    try:
-        yield guard
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if guard.pending is not None:
-            signal.raise_signal(guard.pending)
+    """:func:`megadistill.stop.interruptible` raising :class:`CacheInterrupted` (``what`` ends its message)."""
+    return _interruptible(what, CacheInterrupted)
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,36 @@ def test_missing_teacher_is_named_before_anything_loads(workspace, sib200_dir, t
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "teacher.path" in lines[-1] and "no_such_teacher" in lines[-1], proc.stderr[-2000:]
     assert not any("Traceback" in line for line in lines)
+
+
+def test_killed_task_run_resumes_the_same_losses_and_best_checkpoint(workspace, teacher, sib200_dir):
+    """SIGKILL the teacher's fine-tuning run (2 ranks) after step 3, rerun: the same losses, dev scores and hf_best."""
+    import signal
+    import time
+
+    out = workspace / "teacher_ft_killed"
+    args = ["--model", workspace / "teacher_lm", "--out", out, "--seed", "5", "train.max_steps=6", "train.save_every_steps=1"]
+    common = [sib200_dir if a is None else a for a in COMMON]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "tools/finetune.py", *map(str, common), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and sum('"split": "train"' in line for line in metrics.read_text().splitlines()) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    while time.time() < deadline:  # until every rank of the group is gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    assert not (out / "hf").exists(), "the kill must land before the run finished"
+    finetune(sib200_dir, *args)
+    for split, key in (("train", "loss"), ("valid", "accuracy")):
+        assert losses(out, split, key) == losses(teacher, split, key), split
+    best = lambda d: json.loads((d / "hf_best" / "megadistill.json").read_text())["best"]  # noqa: E731
+    assert best(out) == best(teacher)

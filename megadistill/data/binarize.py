@@ -24,16 +24,13 @@ can leave the hidden ``.PREFIX.*.tmp`` directory; it is never read and may be de
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from contextlib import ExitStack
@@ -49,6 +46,7 @@ from megadistill.data.dedup import HashSet
 from megadistill.data.encode import DocumentEncoder, EncodedBatch, encode_batches
 from megadistill.data.framing import Framing, framing_for_tokenizer
 from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
+from megadistill.stop import Interrupted, interruptible
 from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, HF_PREFIX, Block,
                                       SourceStats, corpus_format, language_from_path, no_documents_error, read_blocks,
                                       sum_counts)
@@ -58,7 +56,6 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "megatron-mmidindex-v1"
 _EXAMPLES = 5  # locations listed per warning in the provenance
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _SUFFIXES = (".bin", ".idx", ".json")  # the files of one dataset, in commit order (.json last)
 
 
@@ -84,20 +81,11 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-class BinarizeInterrupted(BaseException):
-    """SIGTERM or SIGINT arrived while ``binarize`` wrote; raised by its signal handler so the cleanup runs.
+class BinarizeInterrupted(Interrupted):
+    """SIGTERM or SIGINT arrived while ``binarize`` wrote (:func:`megadistill.stop.interruptible`).
 
-    A ``BaseException`` like ``KeyboardInterrupt``, so no ``except Exception`` swallows it.
-    ``str(err)`` is one line naming the signal and the prefix.
-
-    Attributes:
-        signum: int, the signal number (``128 + signum`` is the conventional exit code).
+    ``str(err)`` is one line naming the signal and the prefix; ``signum`` the signal number.
     """
-
-    def __init__(self, signum: int, prefix: Path) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name} while writing {prefix}; nothing was written "
-                         f"under {prefix} (a previous dataset there is unchanged)")
 
 
 class BinarizeResult(dict):
@@ -374,7 +362,8 @@ def binarize(
     dtype = token_dtype_for_vocab(len(tokenizer))
     progress = _Progress(prefixes, total=_input_bytes(inputs))
     try:
-        with _interruptible(output_prefix) as guard:
+        with interruptible(f"while writing {output_prefix}; nothing was written under {output_prefix} "
+                           "(a previous dataset there is unchanged)", BinarizeInterrupted) as guard:
             with guard.deferred():  # no signal between making the directory and the try that removes it
                 staging = _Staging(output_prefix)
             try:
@@ -552,50 +541,6 @@ class _Staging:
     def remove(self) -> None:
         """Delete the staging directory and everything in it."""
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _SignalGuard:
-    """Signal handler that raises :class:`BinarizeInterrupted`, or only remembers the signal while deferred."""
-
-    def __init__(self, prefix: Path) -> None:
-        self.prefix, self.pending, self._deferring = prefix, None, False
-
-    def handle(self, signum: int, frame: Any) -> None:
-        """The handler installed for SIGTERM and SIGINT."""
-        if self._deferring:
-            self.pending = signum
-            return
-        raise BinarizeInterrupted(signum, self.prefix)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Within the block a signal is remembered, not raised (renames and cleanup must not stop halfway)."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-
-
-@contextlib.contextmanager
-def _interruptible(prefix: Path) -> Iterator[_SignalGuard]:
-    """SIGTERM/SIGINT raise :class:`BinarizeInterrupted` within the block (main thread only; elsewhere a no-op).
-
-    The previous handlers are restored after; a signal deferred during the commit or the cleanup
-    is then sent again, so it acts as if it had come just after ``binarize`` returned.
-    """
-    guard = _SignalGuard(prefix)
-    if threading.current_thread() is not threading.main_thread():
-        yield guard
-        return
-    previous = {signum: signal.signal(signum, guard.handle) for signum in _SIGNALS}
-    try:
-        yield guard
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if guard.pending is not None:
-            signal.raise_signal(guard.pending)
 
 
 def _disk_full(err: OSError, progress: _Progress, totals: _Totals, dtype: np.dtype, prefix: Path) -> DiskFullError:
