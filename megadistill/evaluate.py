@@ -509,11 +509,11 @@ def load_eval_model(spec: str | Path, cache_dir: str | Path | None = None):
     from megadistill.models.teacher import load_teacher, resolve_teacher
 
     path = resolve_teacher(spec, cache_dir)
-    if not is_masked_lm(AutoConfig.from_pretrained(path)):
+    if not is_masked_lm(AutoConfig.from_pretrained(path, local_files_only=True)):
         return load_teacher(spec, cache_dir=cache_dir)
-    model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def evaluate_model(model, tokenizer, texts: Sequence[str], options: EvalOptions) -> dict:
