@@ -24,7 +24,7 @@ beyond it, the work the rerun repeats), then whether the final train losses and 
 bitwise (``==`` per step), leftover ``.partial.*`` / ``*.tmp`` files, and the wall times.
 Exits 1 if a comparison fails or a kill left ``latest`` dangling.
 
-    python bench/kill_resume.py [--steps 16] [--kills 10] [--seed 15] [--max-delay 2.0] [--workdir DIR]
+    python bench/kill_resume.py [--steps 32] [--kills 10] [--seed 15] [--max-delay 2.0] [--workdir DIR]
 
 SIB-200 is read from ``../shared/data/sib200`` beside the checkout (or ``MEGADISTILL_SIB200``).
 """
@@ -358,7 +358,7 @@ def report(fresh: Path, killed: Path, rows: list[dict], final_rc: int, logs: Pat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=16, help="train.max_steps of both runs")
+    p.add_argument("--steps", type=int, default=32, help="train.max_steps of both runs")
     p.add_argument("--kills", type=int, default=10, help="SIGKILL attempts on the second run")
     p.add_argument("--seed", type=int, default=15, help="seed of the kill delays")
     p.add_argument("--max-delay", type=float, default=2.0, help="random kills: at most this long after a new step, s")
