@@ -6,8 +6,10 @@ checkout); set ``MEGADISTILL_SIB200`` to point elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,28 @@ def single_process(monkeypatch):
     """Environment of a one-process job, restored afterwards (the tool runs in this process)."""
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: int | str):
+    """Mount a tmpfs of ``size`` (bytes, or mount syntax such as ``"256k"``) on ``path`` for the block.
+
+    Yields True when mounted (tests run as root in CI), False where mounting is not permitted: the
+    caller then injects the same fault (a patched write raising ENOSPC) instead of skipping.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def remount_tmpfs(path: Path, options: str) -> None:
+    """Remount the tmpfs at ``path`` with ``options`` (``size=8m``, ``ro``)."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True, timeout=30)

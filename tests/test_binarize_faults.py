@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import megadistill.data.binarize as binarize_module
+from conftest import small_tmpfs
 from megadistill.data.binarize import BinarizeInterrupted, BinarizeOptions, DiskFullError, binarize
 from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance
 from test_binarize import REPO_ROOT, _save_teacher_dir, binarize_tool
@@ -136,16 +137,6 @@ def test_disk_full_mid_stream_simulated(previous, tiny_tokenizer, sib200_dir, mo
     _check_disk_full_mid_stream(prefix, before, tiny_tokenizer, [sib200_dir / "hin_Deva" / "test.tsv"], monkeypatch)
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    """Mount a tmpfs of ``size`` on ``path``; False where that is not permitted (not root, no mount)."""
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return result.returncode == 0
-
-
 def test_disk_full_on_a_small_tmpfs(tmp_path, tiny_tokenizer, sib200_dir, monkeypatch):
     """A real full disk: 256 KiB tmpfs holding a good dataset, then an input whose tokens need ~1 MB.
 
@@ -155,14 +146,12 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, tiny_tokenizer, sib200_dir, monkey
     rows = (sib200_dir / "hin_Deva" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     big.write_text(rows[0] + "".join(rows[1:]) * 4, encoding="utf-8")  # ~1 MB of Hindi
     mount = Path(tempfile.mkdtemp(dir=tmp_path))
-    if not _mount_tmpfs(mount, "256k"):
+    with small_tmpfs(mount, "256k") as mounted:
         prefix = mount / "hin_Deva"
         binarize([sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, show_progress=False)
-        _check_disk_full_mid_stream(prefix, _snapshot(mount), tiny_tokenizer, [big], monkeypatch)
-        return
-    try:
-        prefix = mount / "hin_Deva"
-        binarize([sib200_dir / "hin_Deva" / "dev.tsv"], tiny_tokenizer, prefix, show_progress=False)
+        if not mounted:
+            _check_disk_full_mid_stream(prefix, _snapshot(mount), tiny_tokenizer, [big], monkeypatch)
+            return
         before = _snapshot(mount)
         with pytest.raises(DiskFullError) as caught:
             binarize([big], tiny_tokenizer, prefix, show_progress=False)
@@ -171,8 +160,6 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, tiny_tokenizer, sib200_dir, monkey
         assert err.needed is not None and err.written + err.needed > 256 * 1024 - sum(map(len, before.values()))
         assert err.free == shutil.disk_usage(mount).free
         _assert_untouched(prefix, before)
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30)
 
 
 def test_cli_disk_full_is_one_line(tmp_path, tiny_tokenizer, sib200_dir, monkeypatch, capsys):

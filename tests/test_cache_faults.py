@@ -24,6 +24,7 @@ import pytest
 
 import megadistill.task_cache as task_cache_module
 import megadistill.teacher_cache as teacher_cache_module
+from conftest import remount_tmpfs, small_tmpfs
 from megadistill.data.tasks import load_split
 from megadistill.task_cache import TaskLogitCache, write_task_cache
 from megadistill.teacher_cache import CacheDiskFull, CacheInterrupted, TeacherCache, complete_shard_bytes
@@ -70,26 +71,6 @@ def stderr_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("cache_teacher_logits")]
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """Mount a tmpfs of ``size`` on ``path`` and yield True; yield False where mounting is not permitted."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                 capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        mounted = False
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
-
-
-def remount(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True, timeout=30)
-
-
 def enospc_in_write_npy(monkeypatch, tmp_suffix: str) -> None:
     """Simulated full disk: ``write_npy`` into a temporary ``*<tmp_suffix>`` writes 100 bytes, then ENOSPC."""
     real = teacher_cache_module.write_npy
@@ -120,7 +101,7 @@ def test_disk_full_on_a_small_tmpfs_keeps_complete_shards_and_resumes(cache_work
     """256 KiB holds 4 shards (14 tmpfs pages each): the 5th fails, one line; after a remount to 8 MiB the rerun finishes."""
     disk = tmp_path / "disk"
     out, args = disk / "cache", tool_args(cache_workspace, disk / "cache")
-    with tmpfs(disk, "256k") as mounted:
+    with small_tmpfs(disk, "256k") as mounted:
         if not mounted:
             enospc_in_write_npy(monkeypatch, ".shard_000004.entries.npy.tmp")
         assert cache_teacher_logits.run_cli(args) == 1
@@ -140,7 +121,7 @@ def test_disk_full_on_a_small_tmpfs_keeps_complete_shards_and_resumes(cache_work
             assert num["free"] < num["per"]  # the shard really did not fit
         assert_complete_shards_intact(out, reference, kept)
         if mounted:
-            remount(disk, "8m")
+            remount_tmpfs(disk, "size=8m")
         else:
             monkeypatch.undo()
             for key, value in SINGLE_PROCESS.items():
@@ -170,7 +151,7 @@ def test_disk_full_writing_meta_json_keeps_every_shard(cache_workspace, referenc
             monkeypatch.setattr(os, "fsync", fsync)
         return real(root, meta)
 
-    with tmpfs(disk, "6m") as mounted:
+    with small_tmpfs(disk, "6m") as mounted:
         monkeypatch.setattr(cache_teacher_logits, "directory_bytes_per_token", fill_then_measure)
         assert cache_teacher_logits.run_cli(args) == 1
         monkeypatch.undo()
@@ -261,7 +242,7 @@ def test_task_cache_disk_full_on_a_tmpfs_keeps_the_previous_cache(sib200_dir, tm
     disk = tmp_path / "disk"
     split = load_split(sib200_dir, ["hin_Deva"], "train")
     logits = np.random.default_rng(1).normal(size=(len(split), 7)).astype(np.float32)
-    with tmpfs(disk, "16k") as mounted:
+    with small_tmpfs(disk, "16k") as mounted:
         before = previous_task_cache(disk)
         if not mounted:
             enospc_in_write_npy(monkeypatch, "logits.npy")
@@ -279,7 +260,7 @@ def test_task_cache_disk_full_on_a_tmpfs_keeps_the_previous_cache(sib200_dir, tm
         assert snapshot(disk / "c") == before and not temporaries(disk) and sorted(os.listdir(disk)) == ["c"]
         TaskLogitCache(disk / "c").check_compatible(load_split(sib200_dir, ["hin_Deva"], "dev"), 64)
         if mounted:
-            remount(disk, "1m")
+            remount_tmpfs(disk, "size=1m")
         else:
             monkeypatch.undo()
         write_task_cache(disk / "c", logits, split, teacher="t2", max_len_tokens=64)

@@ -6,15 +6,14 @@ these tests exercise the same functions in one process, without DeepSpeed engine
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import small_tmpfs
 from megadistill import checkpoint
 from megadistill.checkpoint import CheckpointError, complete_checkpoints, export_hf, is_disk_full
 
@@ -67,18 +66,6 @@ def test_disk_full_is_recognized_without_an_errno():
     torch_style = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2432 vs 2324")
     assert is_disk_full(torch_style, free_bytes=4096) and not is_disk_full(torch_style, free_bytes=10**9)
     assert not is_disk_full(ValueError("bad value"), free_bytes=10**9)
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size_bytes: int):
-    """A tmpfs of ``size_bytes`` at ``path``; yields False where mounting is refused (not root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True).returncode == 0
-    try:
-        yield ok
-    finally:
-        if ok:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 class TinyTokenizer:

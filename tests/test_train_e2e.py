@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import build_tiny_tokenizer, free_port, read_sib200_texts
+from conftest import build_tiny_tokenizer, free_port, read_sib200_texts, remount_tmpfs, small_tmpfs
 from megadistill.data.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,19 +292,6 @@ def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tm
     print(f"interrupted 4 times (SIGTERM at step {resumed_at}, SIGKILL mid-save, 2 random SIGKILLs) in {time.time() - start:.0f} s")
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size_bytes: int):
-    """A tmpfs of ``size_bytes`` mounted at ``path`` (root only: yields False when mounting is refused)."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fresh_run, tmp_path):
     """The run directory on a tmpfs with room for two checkpoints: the third save fails with one line, the
     two earlier checkpoints stay complete, nothing partial remains; with more room the rerun resumes and
@@ -333,7 +320,7 @@ def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fre
         assert latest in kept and all(n.startswith("step_") for n in kept), kept
         failed_at = int(latest[5:]) + 1
         assert f"checkpoint {ckpts / f'step_{failed_at:07d}'} not saved" in errors[0]
-        subprocess.run(["mount", "-o", f"remount,size={64 * 2**20}", str(mount)], check=True)
+        remount_tmpfs(mount, f"size={64 * 2**20}")
         again = run_train(workspace, run_dir, "train.save_every_steps=1")
         assert f"resumed from step {int(latest[5:])}" in again.stdout + again.stderr
         assert train_losses(run_dir) == train_losses(fresh_run)
@@ -353,7 +340,7 @@ def test_unwritable_run_dir_is_one_line_through_the_console_entry(workspace, tmp
     with small_tmpfs(ro, 1 << 20) as mounted:
         if not mounted:
             pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
-        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        remount_tmpfs(ro, "ro")
         proc = subprocess.run(entry + base + [f"run_dir={ro / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

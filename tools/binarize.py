@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 from pathlib import Path
 
 try:
