@@ -189,3 +189,14 @@ def test_cli_glob_merges_in_sorted_order(shards, tmp_path, capsys):
     assert _bytes(suffixed, ".bin") == _bytes(together, ".bin")
     assert merge_tool.main(["--input-glob", str(root / "nothing*"), "--output-prefix", str(out)]) == 2
     assert "no .idx file matches" in capsys.readouterr().err
+
+
+def test_literal_special_tokens_are_summed_over_shards():
+    from megadistill.data.merge import merged_provenance
+
+    def meta(count, docs, kept):
+        return {"language": "hin", "script": "Deva", "documents": 1, "tokens": 1,
+                "special_tokens_in_text": {"count": count, "documents": docs, "examples": [f"x:{count}"], "literal_kept_as_text": kept}}
+
+    merged = merged_provenance([Path("a"), Path("b"), Path("c")], [meta(2, 1, True), meta(3, 2, False), {"documents": 1, "tokens": 1}])
+    assert merged["special_tokens_in_text"] == {"count": 5, "documents": 3, "examples": ["x:2", "x:3"], "literal_kept_as_text": False}

@@ -145,12 +145,23 @@ def merged_provenance(paths: Sequence[Path], metas: Sequence[dict[str, Any]]) ->
     languages = sorted({f"{m.get('language')}_{m.get('script')}" for m in metas})
     if len(languages) > 1:
         merged["language"], merged["script"], merged["languages"] = None, None, languages
+    if any("special_tokens_in_text" in m for m in metas):
+        merged["special_tokens_in_text"] = _merged_special_tokens([m.get("special_tokens_in_text") for m in metas])
     if _scheme(metas[0]) is not None:
         merged["romanization"] = _merged_romanization([m["romanization"] for m in metas])
     merged["merged_from"] = [{"prefix": str(p), "documents": m.get("documents"), "tokens": m.get("tokens")}
                              for p, m in zip(paths, metas)]
     merged["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return merged
+
+
+def _merged_special_tokens(reports: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Literal special-token counts summed over shards (absent in older shards: 0); examples kept up to the limit."""
+    known = [r for r in reports if r]
+    return {"count": sum(int(r.get("count", 0)) for r in known),
+            "documents": sum(int(r.get("documents", 0)) for r in known),
+            "examples": [e for r in known for e in r.get("examples", [])][:_EXAMPLES],
+            "literal_kept_as_text": all(r.get("literal_kept_as_text", True) for r in known)}
 
 
 def _sum_known(values: list[Any]) -> int | None:
