@@ -102,3 +102,23 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, text):
     (tmp_path / "metrics.jsonl").write_text(text)
     MetricsLogger(tmp_path, enabled=True, resume_step=1).close()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "split": "train", "loss": 2.0}\n'
+
+
+def test_loss_spike_is_marked_against_the_recent_mean(caplog):
+    from collections import deque
+
+    from megadistill.config import TrainConfig
+    from megadistill.loop import LoopState, _check_spike
+
+    train, recent = TrainConfig(spike_factor=3.0), deque(maxlen=20)
+    flags = []
+    for step, loss in enumerate([2.0, 2.1, 1.9, 2.0, 2.0, 7.0, 2.0, float("nan"), 2.0], start=1):
+        metrics = {"loss": loss}
+        _check_spike(train, LoopState(step=step), metrics, recent)
+        flags.append(metrics.get("spike", 0.0))
+    assert flags == [0, 0, 0, 0, 0, 1.0, 0, 0, 0], "only the 7.0 after five ~2.0 losses is a spike; NaN is not averaged"
+    assert "step 6: loss spike 7.0000" in caplog.text
+    assert len(recent) == 8 and all(math.isfinite(x) for x in recent)
+    quiet = {"loss": 100.0}
+    _check_spike(TrainConfig(spike_factor=0.0), LoopState(step=10), quiet, recent)
+    assert "spike" not in quiet
