@@ -345,3 +345,28 @@ def test_unwritable_run_dir_is_one_line_through_the_console_entry(workspace, tmp
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith(f"megadistill.train: error: run_dir {ro / 'run'} is not writable (Read-only file system)"), last
+
+
+def test_offline_run_killed_resumes_the_cache_reads(workspace):
+    """From the top-8 cache (built by the offline test above): SIGKILL after step 2, rerun; the losses equal the
+    uninterrupted offline run's (the cache is read by window id, so the resumed run reads where it stopped)."""
+    cache, fresh = workspace / "cache_top8", workspace / "run_offline"
+    assert (cache / "meta.json").is_file() and (fresh / "metrics.jsonl").is_file(), "runs after the offline test"
+    args = ["teacher.mode=offline", f"teacher.logit_cache={cache}", "loss.divergence=reverse_kl", "loss.schedule=linear",
+            "loss.kd_weight_end=1.0", "train.max_steps=4"]
+    run_dir = workspace / "run_offline_killed"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
+           *train_args(workspace, run_dir, *args, "train.save_every_steps=1")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if logged_steps(run_dir) >= 2:  # two train records (no eval before step 3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    wait_for_group(proc.pid, timeout_s=60)
+    assert not (run_dir / "hf").exists()
+    run_train(workspace, run_dir, *args, "train.save_every_steps=1")
+    assert train_losses(run_dir) == train_losses(fresh)
