@@ -23,7 +23,7 @@ from typing import Any
 
 from megadistill import __version__
 from megadistill.data.framing import Framing, framing_for_tokenizer
-from megadistill.data.indexed import RawIndex, tokenizer_sha256, validate_index, write_provenance
+from megadistill.data.indexed import RawIndex, provenance_header, validate_index, write_provenance
 from megadistill.data.inspect import CHUNK_TOKENS, check_framing, check_token_ids, files_of, resolve_dataset
 from megadistill.data.sources import language_from_path
 
@@ -120,21 +120,9 @@ def adopted_provenance(prefix: Path, raw: RawIndex, tokenizer: Any, framing: Fra
     (``characters``, ``bytes_utf8``, dropped records) is None or empty. ``"adopted": true`` and
     ``"adopted_from"`` (the prefix) tell it apart from a binarized dataset.
     """
-    from megadistill.data.binarize import FORMAT_NAME
-
-    bos_id = getattr(tokenizer, "bos_token_id", None)
     documents = int(raw.doc_count) - 1
     return {
-        "format": FORMAT_NAME,
-        "tokenizer": {"name": _name(tokenizer, tokenizer_name), "sha256": tokenizer_sha256(tokenizer),
-                      "vocab_size": len(tokenizer)},
-        "bos_id": bos_id,
-        "eos_id": getattr(tokenizer, "eos_token_id", None),
-        "add_bos": bos_id is not None and framing.prefix_ids[:1] == (bos_id,),
-        "framing": framing.as_dict(),
-        "language": language,
-        "script": script,
-        "romanization": None,
+        **provenance_header(tokenizer, _name(tokenizer, tokenizer_name), framing, language, script),
         "sources": [{"path": source or str(files_of(prefix)[1]), "format": "mmidx", "documents": documents}],
         "documents": documents,
         "tokens": int(raw.sizes.sum(dtype="int64")),

@@ -45,7 +45,8 @@ from megadistill import __version__
 from megadistill.data.dedup import HashSet
 from megadistill.data.encode import DocumentEncoder, EncodedBatch, encode_batches
 from megadistill.data.framing import Framing, framing_for_tokenizer
-from megadistill.data.indexed import IndexedDatasetWriter, token_dtype_for_vocab, tokenizer_sha256, write_provenance
+from megadistill.data.indexed import (IndexedDatasetWriter, provenance_header, token_dtype_for_vocab,
+                                      write_provenance)
 from megadistill.stop import Interrupted, interruptible
 from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, HF_PREFIX, Block,
                                       SourceStats, corpus_format, language_from_path, no_documents_error, read_blocks,
@@ -53,7 +54,6 @@ from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "megatron-mmidindex-v1"
 _EXAMPLES = 5  # locations listed per warning in the provenance
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _SUFFIXES = (".bin", ".idx", ".json")  # the files of one dataset, in commit order (.json last)
@@ -657,21 +657,8 @@ def _provenance(tokenizer, tokenizer_name, totals: _Totals, stats: list[SourceSt
     documents as read (before deduplication), native and romanized together.
     """
     dropped = sum_counts([s.dropped for s in stats] + [totals.dropped])
-    bos_id = getattr(tokenizer, "bos_token_id", None)
     return {
-        "format": FORMAT_NAME,
-        "tokenizer": {
-            "name": tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-            "sha256": tokenizer_sha256(tokenizer),
-            "vocab_size": len(tokenizer),
-        },
-        "bos_id": bos_id,
-        "eos_id": getattr(tokenizer, "eos_token_id", None),
-        "add_bos": bos_id is not None and framing.prefix_ids[:1] == (bos_id,),
-        "framing": framing.as_dict(),
-        "language": language,
-        "script": script,
-        "romanization": None,
+        **provenance_header(tokenizer, tokenizer_name, framing, language, script),
         "sources": sources,
         "documents": totals.documents,
         "tokens": 0,

@@ -633,6 +633,33 @@ def _provenance_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.json")
 
 
+PROVENANCE_FORMAT = "megatron-mmidindex-v1"
+"""The ``format`` of every provenance ``.json`` this project writes (binarized and adopted datasets)."""
+
+
+def provenance_header(tokenizer: Any, tokenizer_name: str | None, framing, language: str | None,
+                      script: str | None) -> dict[str, Any]:
+    """The keys every provenance starts with, in the documented order: format, tokenizer (name, SHA-256,
+    vocabulary size), BOS/EOS ids, ``add_bos``, the framing record, language, script, romanization (None).
+
+    ``framing`` is a :class:`megadistill.data.framing.Framing`. One builder for the binarizer and
+    ``tools/adopt_dataset.py``, so the two never drift apart.
+    """
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return {
+        "format": PROVENANCE_FORMAT,
+        "tokenizer": {"name": tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+                      "sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
+        "bos_id": bos_id,
+        "eos_id": getattr(tokenizer, "eos_token_id", None),
+        "add_bos": bos_id is not None and framing.prefix_ids[:1] == (bos_id,),
+        "framing": framing.as_dict(),
+        "language": language,
+        "script": script,
+        "romanization": None,
+    }
+
+
 def write_provenance(prefix: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``meta`` as pretty UTF-8 JSON to ``<prefix>.json`` (tmp file + ``os.replace``).
 
