@@ -408,3 +408,17 @@ def test_writer_leaves_no_temp_files_when_a_rename_or_a_close_fails(tmp_path, mo
     writer._bin = FullDisk()
     writer.abort()
     assert not list(tmp_path.glob("a.*"))
+
+
+def test_float_datasets_are_not_token_ids(tmp_path, monkeypatch):
+    """Megatron's table has float codes (6 float64, 7 float32): a consistent float pair is refused for training."""
+    import megadistill.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "tokenizer_sha256", lambda tokenizer: "0" * 64)
+    prefix = write(tmp_path / "f", [[2, 200, 1]], np.int32)
+    raw = bytearray((tmp_path / "f.idx").read_bytes())
+    raw[17] = 7  # float32: same width as int32, so the pair stays consistent
+    (tmp_path / "f.idx").write_bytes(bytes(raw))
+    write_provenance(prefix, {"tokenizer": {"sha256": "0" * 64}, "dtype": "float32", "documents": 1, "tokens": 3})
+    with pytest.raises(ValueError, match=r"f\.idx: dtype float32 holds no token ids"):
+        indexed.open_checked_datasets([prefix], tokenizer=None)

@@ -768,7 +768,8 @@ def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any,
         FileNotFoundError / ValueError: as :class:`IndexedDataset`, :func:`check_tokenizer_matches`
             and :func:`read_framing`; ValueError for a dataset of another framing kind than
             ``framing_kind`` or another framing than the first dataset, or whose provenance
-            ``dtype`` / ``documents`` / ``tokens`` disagree with the index (:func:`check_provenance_counts`).
+            ``dtype`` / ``documents`` / ``tokens`` disagree with the index (:func:`check_provenance_counts`),
+            or whose index holds floats (Megatron's codes 6 and 7) instead of token ids.
     """
     datasets, framings = [], []
     for prefix in prefixes:
@@ -777,6 +778,9 @@ def open_checked_datasets(prefixes: Sequence[str | Path], tokenizer: Any,
         _check_framing(prefix, framings[-1], framings[0], prefixes[0], framing_kind)
         datasets.append(IndexedDataset(prefix))
         check_provenance_counts(datasets[-1], read_provenance(prefix))
+        if datasets[-1].dtype.kind == "f":  # a valid MMIDIDX file, but not token ids
+            raise ValueError(f"{prefix}.idx: dtype {datasets[-1].dtype.name} holds no token ids (integer dtypes only); "
+                             "re-binarize with python tools/binarize.py")
     return datasets
 
 
