@@ -337,6 +337,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``key == "a.b.c"``, creating missing sections.
 
+    A mapping given for an existing section is merged into it key by key (``train={max_steps: 5}``
+    changes one field, as ``train.max_steps=5`` does), not put in its place.
+
     Raises:
         ValueError: a part of the key names something that is not a section.
     """
@@ -346,7 +349,19 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {_name(key)}: {_name(part)} is not a section")
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value)
+    else:
+        node[parts[-1]] = value
+
+
+def _merge(section: dict, value: dict) -> None:
+    """Merge the mapping ``value`` into ``section`` in place (nested mappings merged, other values replaced)."""
+    for name, item in value.items():
+        if isinstance(item, dict) and isinstance(section.get(name), dict):
+            _merge(section[name], item)
+        else:
+            section[name] = item
 
 
 def _build(cls: type, raw: dict, prefix: str):

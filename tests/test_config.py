@@ -149,3 +149,15 @@ def test_override_key_with_a_newline_stays_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"override train\.max_steps: line 2, column 1: invalid YAML"):
         load_config(None, ["train.max_steps=0\n:"])
+
+
+def test_a_mapping_override_merges_into_its_section():
+    from megadistill.config import load_config
+
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "megadistill" / "recipes" / "quickstart.yaml"
+    base = load_config(recipe, [])
+    cfg = load_config(recipe, ["train={max_steps: 7}"])
+    assert cfg.train.max_steps == 7
+    assert cfg.train.micro_batch_size == base.train.micro_batch_size and cfg.train.seed == base.train.seed
