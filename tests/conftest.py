@@ -205,3 +205,15 @@ def small_tmpfs(path: Path, size: int | str):
 def remount_tmpfs(path: Path, options: str) -> None:
     """Remount the tmpfs at ``path`` with ``options`` (``size=8m``, ``ro``)."""
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True, timeout=30)
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` by file path as module ``tools_<name>`` (works under bare ``pytest`` too)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

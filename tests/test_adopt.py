@@ -6,35 +6,25 @@ A Megatron-LM pair is written with the project's own writer (byte compatible wit
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import load_tool
 from megadistill.data.adopt import adopt_dataset
 from megadistill.data.binarize import binarize
 from megadistill.data.indexed import IndexedDatasetWriter, open_checked_datasets, read_provenance
 from megadistill.data.inspect import validate
 from megadistill.data.merge import merge_datasets
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAME_AS_BINARIZE = ("format", "tokenizer", "bos_id", "eos_id", "add_bos", "framing", "language", "script",
                     "documents", "tokens", "dtype")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-adopt_tool = _load("adopt_dataset")
+adopt_tool = load_tool("adopt_dataset")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import unicodedata
@@ -10,22 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_tool
 from megadistill.data.binarize import BinarizeOptions, binarize, group_by_language
 from megadistill.data.indexed import IndexedDataset, check_tokenizer_matches, read_provenance, tokenizer_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    # By file path, so the test works under bare `pytest` too (the repo root is not on sys.path then).
-    spec = importlib.util.spec_from_file_location("tools_binarize", REPO_ROOT / "tools" / "binarize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-binarize_tool = _load_tool()
+binarize_tool = load_tool("binarize")
 
 
 @pytest.fixture(scope="module")

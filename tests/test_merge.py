@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_tool
 from megadistill.data.binarize import BinarizeOptions, binarize
 from megadistill.data.indexed import IndexedDataset, IndexedDatasetWriter, read_provenance
 from megadistill.data.inspect import validate
 from megadistill.data.merge import merge_datasets
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-merge_tool = _load("merge_datasets")
+merge_tool = load_tool("merge_datasets")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from indic_transliteration import sanscript
 
+from conftest import load_tool
 from megadistill.data.romanize import (
     LANGUAGE_SCHEMES,
     LATIN_SCHEMES,
@@ -37,16 +37,7 @@ from megadistill.data.sources import read_documents
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    # By file path, so the test works under bare `pytest` too (the repo root is not on sys.path then).
-    spec = importlib.util.spec_from_file_location("tools_romanize", REPO_ROOT / "tools" / "romanize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-romanize_tool = _load_tool()
+romanize_tool = load_tool("romanize")
 
 
 def nfc_texts(sib200: Path, lang: str, split: str = "dev") -> list[str]:
