@@ -568,6 +568,23 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def write_run_config(cfg: RunConfig) -> Path:
+    """Create ``cfg.run_dir`` and write its ``config.yaml`` (done before anything heavy loads); returns the file.
+
+    Raises:
+        ValueError: ``run_dir`` exists and is not a directory.
+        OSError: it cannot be written (read-only filesystem, permissions, full disk), naming it.
+    """
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a directory: choose another run_dir")
+    try:
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        raise OSError(err.errno, f"run_dir {run_dir} is not writable ({err.strerror or err}): choose another run_dir") from err
+    return run_dir / "config.yaml"
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (temporary name, then rename)."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))

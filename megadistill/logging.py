@@ -102,3 +102,10 @@ def _truncate_after(path: Path, step: int) -> None:
 def progress_bar(total_steps: int, initial_step: int, enabled: bool):
     """A tqdm bar over optimizer steps on rank 0 (``disable=True`` elsewhere)."""
     return tqdm(total=total_steps, initial=initial_step, disable=not enabled, unit="step", dynamic_ncols=True, desc="distill")
+
+
+def one_line(err: BaseException) -> str:
+    """``err`` as one line for a command's error message: an ``OSError``'s strerror (and file name) when it has them."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return " ".join(str(err).split())

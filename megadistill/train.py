@@ -27,9 +27,9 @@ import warnings
 import torch
 
 from megadistill import checkpoint, distributed, engine, loop
-from megadistill.config import load_config, save_config
+from megadistill.config import load_config, write_run_config
 from megadistill.files import atomic_write_text
-from megadistill.logging import MetricsLogger, setup_console
+from megadistill.logging import MetricsLogger, one_line, setup_console
 from megadistill.stages import STAGES
 from megadistill.stop import GracefulStop
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.train.seed)
     run_dir, wall_start = Path(cfg.run_dir), time.time()
     if distributed.is_main():
-        _write_run_config(cfg, run_dir)
+        write_run_config(cfg)
 
     built = STAGES[cfg.stage].build(cfg, engine.load_ds_config(args.ds_config))
     ckpt_dir = run_dir / "checkpoints"
@@ -72,50 +72,35 @@ def main(argv=None) -> int:
         checkpoint.save(built.engine, ckpt_dir, s.step, {"loop_state": vars(s).copy()}, keep=cfg.train.keep_checkpoints)
 
     with GracefulStop() as stop:
-        parts = loop.LoopParts(engine=built.engine, train_batches=built.train_batches, teacher=built.teacher,
-                               metrics=built.metrics, save=save, tokens_per_sample=built.tokens_per_sample,
-                               eval_batches=built.eval_batches, eval_teacher=built.eval_teacher, log=metrics_logger.log,
-                               on_eval=built.on_eval, stop=stop)
         try:
-            totals = loop.run(parts, cfg.train, state)
+            totals = loop.run(built.loop_parts(save, metrics_logger.log, stop), cfg.train, state)
         finally:
             metrics_logger.close()
-    if totals["stopped_by"]:
-        log.info("stopped by %s after step %d of %d: checkpoint saved; rerun the same command to resume",
-                 totals["stopped_by"], state.step, cfg.train.max_steps)
-        distributed.barrier()
-        return 0
-    if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
-        log.info("run already complete at step %d: %s holds its export (use a new run_dir to train again)", state.step, run_dir / "hf")
-        distributed.barrier()
-        return 0
-    if state.step < cfg.train.max_steps:
-        log.info("stopped at step %d of %d (train.exit_after_steps): rerun the same command to resume", state.step, cfg.train.max_steps)
-        distributed.barrier()
-        return 0
-    built.export(run_dir / "hf")
-    if distributed.is_main():
-        summary = {"stage": cfg.stage, "world_size": distributed.world_size(), "steps": state.step,
-                   "consumed_samples": state.consumed_samples, **built.info, "wall_time_s": time.time() - wall_start, **totals}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
+    unfinished = _why_not_finished(totals, state, cfg, run_dir)
+    if unfinished:
+        log.info(unfinished)
+    else:
+        built.export(run_dir / "hf")
+        if distributed.is_main():
+            summary = {"stage": cfg.stage, "world_size": distributed.world_size(), "steps": state.step,
+                       "consumed_samples": state.consumed_samples, **built.info, "wall_time_s": time.time() - wall_start, **totals}
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+            log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
     distributed.barrier()
     return 0
 
 
-def _write_run_config(cfg, run_dir: Path) -> None:
-    """Create ``run_dir`` and write its ``config.yaml``, before anything heavy loads.
-
-    Raises:
-        ValueError: ``run_dir`` exists and is not a directory.
-        OSError: it cannot be written (read-only filesystem, permissions, full disk), naming it.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run_dir {run_dir} exists and is not a directory: choose another run_dir")
-    try:
-        save_config(cfg, run_dir / "config.yaml")
-    except OSError as err:
-        raise OSError(err.errno, f"run_dir {run_dir} is not writable ({err.strerror or err}): choose another run_dir") from err
+def _why_not_finished(totals: dict, state: loop.LoopState, cfg, run_dir: Path) -> str | None:
+    """Why this process exits without exporting (a signal, an earlier complete run, ``exit_after_steps``), or None."""
+    if totals["stopped_by"]:
+        return (f"stopped by {totals['stopped_by']} after step {state.step} of {cfg.train.max_steps}: checkpoint saved; "
+                "rerun the same command to resume")
+    if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
+        return f"run already complete at step {state.step}: {run_dir / 'hf'} holds its export (use a new run_dir to train again)"
+    if state.step < cfg.train.max_steps:
+        return (f"stopped at step {state.step} of {cfg.train.max_steps} (train.exit_after_steps): rerun the same command "
+                "to resume")
+    return None
 
 
 def cli(argv=None) -> int:
@@ -132,15 +117,8 @@ def cli(argv=None) -> int:
         print(f"megadistill.train: error: {err}", file=sys.stderr)
         return 2
     except (OSError, loop.NonFiniteError) as err:
-        print(f"megadistill.train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"megadistill.train: error: {one_line(err)}", file=sys.stderr)
         return 1
-
-
-def _one_line(err: BaseException) -> str:
-    """``err`` as one line: an ``OSError``'s strerror and file name when it has them."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ class StageRun:
     info: dict = field(default_factory=dict)
     on_eval: Callable[[int, dict], None] | None = None
 
+    def loop_parts(self, save: Callable, log: Callable, stop: object):
+        """The :class:`megadistill.loop.LoopParts` of this run, with the job's ``save``, ``log`` and ``stop``."""
+        from megadistill.loop import LoopParts
+
+        return LoopParts(engine=self.engine, train_batches=self.train_batches, teacher=self.teacher, metrics=self.metrics,
+                         save=save, tokens_per_sample=self.tokens_per_sample, eval_batches=self.eval_batches,
+                         eval_teacher=self.eval_teacher, log=log, on_eval=self.on_eval, stop=stop)
+
 
 def _stages() -> dict:
     from megadistill.stages import pretrain, task
