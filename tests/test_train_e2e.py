@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -292,6 +293,25 @@ def test_killed_anywhere_resumes_the_same_loss_sequence(workspace, fresh_run, tm
     print(f"interrupted 4 times (SIGTERM at step {resumed_at}, SIGKILL mid-save, 2 random SIGKILLs) in {time.time() - start:.0f} s")
 
 
+def enospc_on_third_save(hook_dir: Path) -> Path:
+    """A ``sitecustomize`` directory whose ``torch.save`` raises ENOSPC for files of ``.partial.step_0000003``."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(textwrap.dedent("""
+        import errno
+        import torch
+
+        _save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if ".partial.step_0000003" in str(f):
+                raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            return _save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    """))
+    return hook_dir
+
+
 def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fresh_run, tmp_path):
     """The run directory on a tmpfs with room for two checkpoints: the third save fails with one line, the
     two earlier checkpoints stay complete, nothing partial remains; with more room the rerun resumes and
@@ -302,12 +322,12 @@ def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fre
     rest = sum(tree_bytes(p) if p.is_dir() else p.stat().st_size for p in fresh_run.iterdir() if p.name not in ("checkpoints", "hf"))
     mount = tmp_path / "small"
     with small_tmpfs(mount, rest + int(2.5 * ckpt) + 256 * 1024) as mounted:
-        if not mounted:
-            pytest.skip("mounting a tmpfs needs root (CI runs as root); the in-process disk-full tests still run")
-        run_dir = mount / "run"
+        run_dir = (mount if mounted else tmp_path) / "run"
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "megadistill/train.py",
                *train_args(workspace, run_dir, "train.save_every_steps=1")]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        # Without root (no tmpfs), the third save meets the same ENOSPC through an injected torch.save.
+        hook = "" if mounted else f"{enospc_on_third_save(tmp_path / 'hook')}{os.pathsep}"
+        env = dict(os.environ, PYTHONPATH=f"{hook}{ROOT}", PYTHONUNBUFFERED="1")
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0
@@ -320,7 +340,8 @@ def test_full_disk_during_checkpointing_keeps_the_last_checkpoint(workspace, fre
         assert latest in kept and all(n.startswith("step_") for n in kept), kept
         failed_at = int(latest[5:]) + 1
         assert f"checkpoint {ckpts / f'step_{failed_at:07d}'} not saved" in errors[0]
-        remount_tmpfs(mount, f"size={64 * 2**20}")
+        if mounted:
+            remount_tmpfs(mount, f"size={64 * 2**20}")
         again = run_train(workspace, run_dir, "train.save_every_steps=1")
         assert f"resumed from step {int(latest[5:])}" in again.stdout + again.stderr
         assert train_losses(run_dir) == train_losses(fresh_run)
@@ -338,13 +359,15 @@ def test_unwritable_run_dir_is_one_line_through_the_console_entry(workspace, tmp
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"megadistill.train: error: run_dir {tmp_path / 'a_file'} exists and is not a directory: choose another run_dir")
     with small_tmpfs(ro, 1 << 20) as mounted:
-        if not mounted:
-            pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
-        remount_tmpfs(ro, "ro")
+        if mounted:
+            remount_tmpfs(ro, "ro")
+        else:  # without root: a folder this user may not write to (root would ignore the mode)
+            ro.chmod(0o555)
         proc = subprocess.run(entry + base + [f"run_dir={ro / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     last = proc.stderr.strip().splitlines()[-1]
+    reason = "Read-only file system" if mounted else "Permission denied"
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert last.startswith(f"megadistill.train: error: run_dir {ro / 'run'} is not writable (Read-only file system)"), last
+    assert last.startswith(f"megadistill.train: error: run_dir {ro / 'run'} is not writable ({reason})"), last
 
 
 def test_offline_run_killed_resumes_the_cache_reads(workspace):
