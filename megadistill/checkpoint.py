@@ -27,7 +27,7 @@ import deepspeed
 import torch
 
 from megadistill import distributed
-from megadistill.files import atomic_directory, atomic_write_text, fsync_directory, fsync_tree, tree_bytes
+from megadistill.files import atomic_directory, atomic_write_text, disk_full_errno, fsync_directory, fsync_tree, tree_bytes
 
 __all__ = ["CheckpointError", "export_hf", "resume", "save"]
 
@@ -132,14 +132,7 @@ def is_disk_full(error: BaseException | None, free_bytes: int) -> bool:
     inline_container.cc] unexpected pos ...`` or ``file write failed``), hence the free-space test,
     which also lets a rank whose own writes succeeded diagnose the disk another rank filled.
     """
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return free_bytes < 2**20
+    return disk_full_errno(error) is not None or free_bytes < 2**20
 
 
 def _any_rank(flag: bool) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -33,6 +34,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_errno(error: BaseException | None) -> int | None:
+    """``errno.ENOSPC`` / ``errno.EDQUOT`` when ``error`` (or one it was raised from) is a full disk or quota, else None."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return seen.errno
+        if "No space left on device" in str(seen):
+            return errno.ENOSPC
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def fsync_directory(path: str | Path) -> None:

@@ -20,7 +20,8 @@ import torch
 
 from megadistill.data.tasks import TaskSplit
 from megadistill.files import atomic_directory, tree_bytes
-from megadistill.teacher_cache import CacheDiskFull, disk_full_errno, interruptible, npy_bytes, write_npy
+from megadistill.files import disk_full_errno
+from megadistill.teacher_cache import CacheDiskFull, interruptible, npy_bytes, write_npy
 
 FORMAT, VERSION = "megadistill-task-logits", 1
 

@@ -69,7 +69,7 @@ from megadistill.data.collate import IGNORE_INDEX
 from megadistill.data.indexed import tokenizer_sha256
 from megadistill.data.masking import MaskingConfig, MlmCollator
 from megadistill.data.packing import position_ids_from_documents
-from megadistill.files import fsync_directory
+from megadistill.files import disk_full_errno, fsync_directory
 from megadistill.losses.logits import SparseTargets, topk_targets
 from megadistill.models.adapters import adapter_for
 from megadistill.models.teacher import final_hidden_states, output_softcap
@@ -90,7 +90,6 @@ __all__ = ["CacheDiskFull", "CacheInterrupted", "CacheSpec", "TeacherCache", "co
            "unpack_entries", "window_hash", "write_shard"]
 
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CacheDiskFull(OSError):
@@ -479,18 +478,6 @@ class _StagedWriter:
                 self.written += tmp.stat().st_size
             tmp.unlink(missing_ok=True)
             raise
-
-
-def disk_full_errno(error: BaseException) -> int | None:
-    """``errno.ENOSPC`` / ``errno.EDQUOT`` when ``error`` (or one it was raised from) is a full disk or quota, else None."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
-            return seen.errno
-        if "No space left on device" in str(seen):
-            return errno.ENOSPC
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:

@@ -47,6 +47,7 @@ from megadistill.data.encode import DocumentEncoder, EncodedBatch, encode_batche
 from megadistill.data.framing import Framing, framing_for_tokenizer
 from megadistill.data.indexed import (IndexedDatasetWriter, provenance_header, token_dtype_for_vocab,
                                       write_provenance)
+from megadistill.files import DISK_FULL_ERRNOS
 from megadistill.stop import Interrupted, interruptible
 from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_LINE_BYTES, HF_PREFIX, Block,
                                       SourceStats, corpus_format, language_from_path, no_documents_error, read_blocks,
@@ -55,7 +56,6 @@ from megadistill.data.sources import (COMPRESSION, DEFAULT_BLOCK_BYTES, DEFAULT_
 logger = logging.getLogger(__name__)
 
 _EXAMPLES = 5  # locations listed per warning in the provenance
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _SUFFIXES = (".bin", ".idx", ".json")  # the files of one dataset, in commit order (.json last)
 
 
