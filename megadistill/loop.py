@@ -243,35 +243,37 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
     batches = parts.train_batches(state.consumed_samples)
     start, steps_run, valid, stopped = time.time(), 0, {}, None
     bad_in_row, recent = 0, deque(maxlen=20)
-    while state.step < stop_at:
-        t0 = time.time()
-        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
-        spec = engine.module.spec_at(state.step)
-        metrics, micro = _train_step(parts, batches, train, state)
-        state.step += 1
-        steps_run += 1
-        metrics = _step_metrics(parts, metrics, spec, lr, tokens_per_step, time.time() - t0)
-        bad_in_row = _check_finite(parts, train, state, metrics, micro, bad_in_row)
-        _check_spike(train, state, metrics, recent)
-        metrics["skipped_steps"] = float(state.skipped_steps)
-        stop_requested = metrics.pop("stop_requested") > 0
-        if state.step % train.log_every_steps == 0:
-            parts.log(state.step, "train", metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", kd=f"{metrics['kd']:.3f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if parts.eval_batches is not None and (state.step == train.max_steps or (
-                train.eval_every_steps and state.step % train.eval_every_steps == 0)):
-            valid = evaluate(parts, state.step)
-            parts.log(state.step, "valid", valid)
-            if parts.on_eval is not None:
-                parts.on_eval(state.step, valid)
-        if stop_requested or state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
-            parts.save(state)
-        if stop_requested:
-            stopped = getattr(parts.stop, "signal_name", None) or "a signal to another rank"
-            break
-    bar.close()
+    # The bar closes (ending its line) even when a step raises, so the one-line error that
+    # train.cli prints starts a line of its own.
+    with bar:
+        while state.step < stop_at:
+            t0 = time.time()
+            lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
+            spec = engine.module.spec_at(state.step)
+            metrics, micro = _train_step(parts, batches, train, state)
+            state.step += 1
+            steps_run += 1
+            metrics = _step_metrics(parts, metrics, spec, lr, tokens_per_step, time.time() - t0)
+            bad_in_row = _check_finite(parts, train, state, metrics, micro, bad_in_row)
+            _check_spike(train, state, metrics, recent)
+            metrics["skipped_steps"] = float(state.skipped_steps)
+            stop_requested = metrics.pop("stop_requested") > 0
+            if state.step % train.log_every_steps == 0:
+                parts.log(state.step, "train", metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", kd=f"{metrics['kd']:.3f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if parts.eval_batches is not None and (state.step == train.max_steps or (
+                    train.eval_every_steps and state.step % train.eval_every_steps == 0)):
+                valid = evaluate(parts, state.step)
+                parts.log(state.step, "valid", valid)
+                if parts.on_eval is not None:
+                    parts.on_eval(state.step, valid)
+            if stop_requested or state.step == stop_at or (train.save_every_steps and state.step % train.save_every_steps == 0):
+                parts.save(state)
+            if stop_requested:
+                stopped = getattr(parts.stop, "signal_name", None) or "a signal to another rank"
+                break
     elapsed = time.time() - start
     return {"steps_run": steps_run, "train_time_s": elapsed, "tokens_per_step": tokens_per_step,
             "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9), "valid": valid,

@@ -103,6 +103,14 @@ def _why_not_finished(totals: dict, state: loop.LoopState, cfg, run_dir: Path) -
     return None
 
 
+def _print_error(message: str) -> None:
+    """Write ``megadistill.train: error: MESSAGE`` as one line in a single write: every rank
+    reports the error, and ``print`` writes the text and its newline separately, so two ranks'
+    lines could run together on the shared stderr."""
+    sys.stderr.write(f"megadistill.train: error: {message}\n")
+    sys.stderr.flush()
+
+
 def cli(argv=None) -> int:
     """Console entry point (``megadistill-train``, and ``python megadistill/train.py``).
 
@@ -114,10 +122,10 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (ValueError, FileNotFoundError) as err:
-        print(f"megadistill.train: error: {err}", file=sys.stderr)
+        _print_error(str(err))
         return 2
     except (OSError, loop.NonFiniteError) as err:
-        print(f"megadistill.train: error: {one_line(err)}", file=sys.stderr)
+        _print_error(one_line(err))
         return 1
 
 
