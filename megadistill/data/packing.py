@@ -134,20 +134,35 @@ class PackedDataset:
         order, starts, _ = self._epoch_layout(index // self.samples_per_epoch)
         return self._read_window(order, starts, local)
 
-    def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cut window ``local`` out of the document stream given by ``order`` / ``starts``."""
+    def segments(self, index: int) -> list[tuple[int, int, int, int]]:
+        """Where sample ``index``'s tokens come from: ``(dataset, document, start, stop)`` per document piece.
+
+        ``start``/``stop`` are token offsets inside the document, in window order; concatenating
+        ``datasets[d][i][start:stop]`` over the pieces gives :meth:`item`'s tokens. Paired data
+        (:mod:`megadistill.data.paired`) uses it to find the same text in another tokenization.
+        """
+        local = self.window_id(index)
+        order, starts, _ = self._epoch_layout(index // self.samples_per_epoch)
+        return self._window_segments(order, starts, local)
+
+    def _window_segments(self, order: np.ndarray, starts: np.ndarray, local: int) -> list[tuple[int, int, int, int]]:
+        """The document pieces of window ``local`` of the stream given by ``order`` / ``starts``."""
         begin, end = local * self.seq_len_tokens, local * self.seq_len_tokens + self.seq_len_tokens + 1
         pieces, pos = [], begin
         k = int(np.searchsorted(starts, begin, side="right")) - 1
         while pos < end:
             j = order[k]
-            d, i = int(self._doc_dataset[j]), int(self._doc_index[j])
-            doc = self.datasets[d][i]
             offset = pos - int(starts[k])
-            take = doc[offset : offset + (end - pos)]
-            pieces.append(np.asarray(take, dtype=np.int64))
-            pos += len(take)
+            take = min(int(self._lengths[j]) - offset, end - pos)
+            pieces.append((int(self._doc_dataset[j]), int(self._doc_index[j]), offset, offset + take))
+            pos += take
             k += 1
+        return pieces
+
+    def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cut window ``local`` out of the document stream given by ``order`` / ``starts``."""
+        pieces = [np.asarray(self.datasets[d][i][a:b], dtype=np.int64)
+                  for d, i, a, b in self._window_segments(order, starts, local)]
         doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int64), [len(p) for p in pieces])
         return np.concatenate(pieces), doc_ids
 
