@@ -56,6 +56,14 @@ class StudentConfig:
     """Student depth: an int (uniform, first and last teacher layer kept), ``every:k``, or a list of teacher layer indices."""
     trim_vocab: bool = True
     """Keep only teacher token ids that occur in the training data (plus special and byte tokens)."""
+    tokenizer: str | None = None
+    """The student's own tokenizer (a directory from ``tools/train_tokenizer.py``) instead of the
+    teacher's: its embeddings start from the teacher's (``embedding_init``), the training data is
+    ``data.student_*_prefixes`` and KD goes across tokenizers (``loss.cross_tokenizer``).
+    ``trim_vocab`` does not apply."""
+    embedding_init: str = "mean"
+    """Own tokenizer: ``mean`` (each new token = mean of the teacher embeddings of its teacher
+    tokenization, exact matches copied; Fast Vocabulary Transfer / WECHSEL / FOCUS style) or ``random``."""
 
 
 @dataclass
@@ -83,6 +91,12 @@ class DataConfig:
     """Masked LM (encoder teachers): fraction of maskable tokens predicted per window (BERT: 0.15)."""
     whole_word: bool = False
     """Masked LM: mask whole words (all pieces of a selected word) instead of single tokens."""
+    student_train_prefixes: list[str] = field(default_factory=list)
+    """With ``student.tokenizer``: the training corpus binarized with the student's tokenizer, one
+    prefix per ``train_prefixes`` entry and from the same source files (document ``i`` of both holds
+    the same text). The student's tokens define the packed windows."""
+    student_valid_prefixes: list[str] = field(default_factory=list)
+    """With ``student.tokenizer``: the held-out twins of ``valid_prefixes``, binarized with the student's tokenizer."""
 
 
 @dataclass
@@ -117,6 +131,10 @@ class LossConfig:
     """Optimizer steps the schedules take (0: train.max_steps)."""
     kd_positions: str = "masked"
     """Masked LM: KD at the ``masked`` positions only (DistilBERT) or at ``all`` positions of the window."""
+    cross_tokenizer: str = "span"
+    """KD between two tokenizers (``student.tokenizer``): ``span`` (span-aligned, TRL GOLD style: the
+    chain-rule probability of each common character span, KL where the vocabularies share strings,
+    ULD for the rest) or ``uld`` (Universal Logit Distillation at span-aligned positions)."""
 
 
 @dataclass
@@ -453,6 +471,8 @@ def validate(cfg: RunConfig) -> None:
          f"got {_short(cfg.features.layer_map)}"),
         (0.0 < cfg.data.mask_prob < 1.0, "data.mask_prob must be in (0, 1)"),
         (cfg.loss.kd_positions in ("masked", "all"), "loss.kd_positions must be masked or all"),
+        (cfg.loss.cross_tokenizer in ("span", "uld"), "loss.cross_tokenizer must be span or uld"),
+        (cfg.student.embedding_init in ("mean", "random"), "student.embedding_init must be mean or random"),
         (cfg.data.seq_len_tokens >= 8, "data.seq_len_tokens must be >= 8"),
         (cfg.loss.temperature > 0, "loss.temperature must be > 0"),
         (cfg.loss.ce_weight >= 0 and cfg.loss.kd_weight >= 0, "loss weights must be >= 0"),
@@ -507,6 +527,25 @@ def validate(cfg: RunConfig) -> None:
         return
     if not cfg.data.train_prefixes:
         raise ValueError("invalid config: data.train_prefixes is empty: binarize text with tools/binarize.py first")
+    if cfg.student.tokenizer:
+        _validate_own_tokenizer(cfg)
+
+
+def _validate_own_tokenizer(cfg: RunConfig) -> None:
+    """Checks of a student with its own tokenizer (paired data, a decoder stage that supports it)."""
+    checks = [
+        (cfg.student.init != "checkpoint", "student.tokenizer builds a new student: use student.init from_teacher or random"),
+        (len(cfg.data.student_train_prefixes) == len(cfg.data.train_prefixes),
+         f"student.tokenizer needs data.student_train_prefixes, one per data.train_prefixes entry "
+         f"({len(cfg.data.train_prefixes)}), binarized with the student tokenizer from the same files"),
+        (len(cfg.data.student_valid_prefixes) == len(cfg.data.valid_prefixes),
+         f"student.tokenizer needs data.student_valid_prefixes, one per data.valid_prefixes entry ({len(cfg.data.valid_prefixes)})"),
+        (cfg.teacher.mode != "offline", "student.tokenizer: cross-tokenizer KD runs the teacher online (teacher.mode online or none)"),
+        (not _features_on(cfg.features), "student.tokenizer: features.* are not supported across tokenizers"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid config: {message}")
 
 
 def _validate_task(cfg: RunConfig) -> None:

@@ -533,6 +533,14 @@ def evaluate_model(model, tokenizer, texts: Sequence[str], options: EvalOptions)
     return out
 
 
+def _speed(record: dict, seconds: float) -> dict:
+    """``tokens_per_char`` and ``chars_per_s`` of a causal-LM record scored in ``seconds``; {} otherwise."""
+    if "characters" not in record or "bits_per_char" not in record:
+        return {}
+    chars = max(1, record["characters"])
+    return {"tokens_per_char": record["tokens"] / chars, "chars_per_s": chars / max(seconds, 1e-9)}
+
+
 def evaluate_models(
     models: Sequence[tuple[str, str]], texts: dict[str, list[str]], options: EvalOptions, cache_dir=None
 ) -> list[dict]:
@@ -541,7 +549,9 @@ def evaluate_models(
     Returns:
         One record per model per language: :func:`evaluate_model`'s metrics plus ``name``,
         ``path``, ``language``, ``parameters`` (:func:`count_parameters`), ``vocab_size``
-        (``len(tokenizer)``) and ``eval_time_s`` (that language only; the first also includes loading).
+        (``len(tokenizer)``), ``eval_time_s`` (that language only; the first also includes loading),
+        and for causal LMs ``tokens_per_char`` and ``chars_per_s`` (characters scored per second of
+        tokenizing + forward passes, loading excluded: the model's inference speed on this machine).
     """
     from megadistill.models.teacher import count_parameters
 
@@ -551,8 +561,10 @@ def evaluate_models(
         model, tokenizer = load_eval_model(spec, cache_dir)
         info = {"name": name, "path": str(spec), "parameters": count_parameters(model), "vocab_size": len(tokenizer)}
         for language, items in texts.items():
+            scored = time.time()
             record = evaluate_model(model, tokenizer, items, options)
-            records.append({**record, **info, "language": language, "eval_time_s": time.time() - start})
+            speed = _speed(record, time.time() - scored)
+            records.append({**record, **info, **speed, "language": language, "eval_time_s": time.time() - start})
             start = time.time()
         del model
     return records
@@ -584,10 +596,12 @@ def _models_table(records: Sequence[dict]) -> list[str]:
 
 
 def _causal_table(records: Sequence[dict]) -> list[str]:
-    lines = ["| model | language | bits/char | bits/byte | nats/token | tokens |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | language | bits/char | bits/byte | nats/token | tokens | tokens/char | chars/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
+        speed = f"{r['tokens_per_char']:.3f} | {r['chars_per_s']:.0f}" if "chars_per_s" in r else "- | -"
         lines.append(f"| {r['name']} | {r['language']} | {r['bits_per_char']:.4f} | {r['bits_per_byte']:.4f} | "
-                     f"{r['nats_per_token']:.4f} | {r['tokens']} |")
+                     f"{r['nats_per_token']:.4f} | {r['tokens']} | {speed} |")
     return lines
 
 

@@ -102,8 +102,10 @@ class OnlineTeacher:
     def signal(self, batch: dict) -> TeacherSignal:
         """Run the teacher (no grad) on ``batch``; returns ``hidden`` or ``features``."""
         with torch.no_grad():
-            out = self.engine(batch["teacher_input_ids"].to(self.device), _to(batch.get("document_ids"), self.device),
-                              _to(batch.get("position_ids"), self.device))
+            # A paired (cross-tokenizer) batch has the teacher's own document and position ids.
+            docs = batch.get("teacher_document_ids", batch.get("document_ids"))
+            positions = batch.get("teacher_position_ids", batch.get("position_ids"))
+            out = self.engine(batch["teacher_input_ids"].to(self.device), _to(docs, self.device), _to(positions, self.device))
         return TeacherSignal(features=out) if isinstance(out, dict) else TeacherSignal(hidden=out)
 
 

@@ -161,3 +161,29 @@ def test_a_mapping_override_merges_into_its_section():
     cfg = load_config(recipe, ["train={max_steps: 7}"])
     assert cfg.train.max_steps == 7
     assert cfg.train.micro_batch_size == base.train.micro_batch_size and cfg.train.seed == base.train.seed
+
+
+def test_the_own_tokenizer_recipe_loads_and_validates():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "megadistill" / "recipes" / "own-tokenizer.yaml", [])
+    assert cfg.student.tokenizer and len(cfg.data.student_train_prefixes) == len(cfg.data.train_prefixes) == 1
+
+
+def test_own_tokenizer_needs_paired_prefixes_and_an_online_teacher(tmp_path):
+    body = {"student": {"tokenizer": "tok"}, "data": {"train_prefixes": ["a"], "valid_prefixes": ["v"],
+                                                     "student_train_prefixes": ["sa"], "student_valid_prefixes": ["sv"]}}
+    cfg = load_config(write_recipe(tmp_path, body), [])
+    assert cfg.student.tokenizer == "tok" and cfg.loss.cross_tokenizer == "span" and cfg.student.embedding_init == "mean"
+    with pytest.raises(ValueError, match="needs data.student_train_prefixes, one per data.train_prefixes entry"):
+        load_config(write_recipe(tmp_path, body), ["data.student_train_prefixes=[]"])
+    with pytest.raises(ValueError, match="needs data.student_valid_prefixes"):
+        load_config(write_recipe(tmp_path, body), ["data.student_valid_prefixes=[]"])
+    with pytest.raises(ValueError, match="runs the teacher online"):
+        load_config(write_recipe(tmp_path, body), ["teacher.mode=offline", "teacher.logit_cache=c"])
+    with pytest.raises(ValueError, match="loss.cross_tokenizer must be span or uld"):
+        load_config(write_recipe(tmp_path, body), ["loss.cross_tokenizer=gold"])
+    with pytest.raises(ValueError, match="student.embedding_init must be mean or random"):
+        load_config(write_recipe(tmp_path, body), ["student.embedding_init=focus"])
+    with pytest.raises(ValueError, match="builds a new student"):
+        load_config(write_recipe(tmp_path, body), ["student.init=checkpoint", "student.checkpoint=x"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from megadistill.models.vocab import VocabMap, kept_ids_from_corpus, trim_tokeni
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StudentParts", "build_features", "build_student", "check_paths", "check_vocab_sizes", "export_files",
-           "open_cache", "stage_loss", "unk_fallback_id"]
+__all__ = ["StudentParts", "best_exporter", "build_features", "build_student", "check_paths", "check_vocab_sizes",
+           "export_files", "open_cache", "stage_loss", "unk_fallback_id"]
 
 
 def check_paths(cfg: RunConfig) -> RunConfig:
@@ -32,7 +33,8 @@ def check_paths(cfg: RunConfig) -> RunConfig:
     Checks ``data.train_prefixes`` / ``data.valid_prefixes`` (``.bin``, ``.idx`` and provenance
     ``.json``, :func:`megadistill.data.inspect.resolve_dataset`), ``teacher.path``,
     ``student.checkpoint`` (``student.init: checkpoint``) and ``teacher.logit_cache``
-    (``teacher.mode: offline``). Romanized twins are datasets of ``data.*_prefixes`` like any other.
+    (``teacher.mode: offline``), ``student.tokenizer`` and ``data.student_*_prefixes``. Romanized
+    twins are datasets of ``data.*_prefixes`` like any other.
 
     Returns:
         ``cfg`` with the dataset prefixes as prefixes (``x.idx``/``x.bin``/``x.json`` become ``x``).
@@ -43,10 +45,15 @@ def check_paths(cfg: RunConfig) -> RunConfig:
     from megadistill.data.inspect import resolve_dataset
     from megadistill.models.teacher import check_model_spec
 
+    tokenizers = {"train_prefixes": cfg.teacher.path, "valid_prefixes": cfg.teacher.path,
+                  "student_train_prefixes": cfg.student.tokenizer, "student_valid_prefixes": cfg.student.tokenizer}
     data = dataclasses.replace(cfg.data, **{
-        name: [str(resolve_dataset(p, f"data.{name}[{i}]", tokenizer=cfg.teacher.path))
+        name: [str(resolve_dataset(p, f"data.{name}[{i}]", tokenizer=tokenizer))
                for i, p in enumerate(getattr(cfg.data, name))]
-        for name in ("train_prefixes", "valid_prefixes")})
+        for name, tokenizer in tokenizers.items()})
+    if cfg.student.tokenizer and not (Path(cfg.student.tokenizer) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"student.tokenizer: {cfg.student.tokenizer} has no tokenizer.json: train one with "
+                                f"python tools/train_tokenizer.py CORPUS --output {cfg.student.tokenizer}")
     if cfg.teacher.path:
         check_model_spec(cfg.teacher.path, "teacher.path")
     if cfg.student.init == "checkpoint" and cfg.student.checkpoint:
@@ -121,11 +128,15 @@ def _restrict(tensor: torch.Tensor | None, vocab_map: VocabMap | None, teacher_v
 def build_student(cfg: StudentConfig, seed: int, teacher, tokenizer, train_sets, teacher_vocab: int) -> StudentParts:
     """The student of ``student.init``: teacher layers (``layer_map``, trimmed vocabulary), random, or a checkpoint.
 
+    With ``student.tokenizer`` the student gets that vocabulary instead (:func:`_own_tokenizer_student`).
+
     Raises:
         ValueError: a bad layer map, or a checkpoint whose vocabulary does not match its ``vocab_map.json``.
         FileNotFoundError: ``student.checkpoint`` does not exist.
     """
     adapter = adapter_for(teacher)
+    if cfg.tokenizer:
+        return _own_tokenizer_student(cfg, seed, teacher, tokenizer, teacher_vocab)
     if cfg.init == "checkpoint":
         model, student_tokenizer, vocab_map = _load_checkpoint(cfg.checkpoint, adapter.family)
         layer_map = []
@@ -143,6 +154,33 @@ def build_student(cfg: StudentConfig, seed: int, teacher, tokenizer, train_sets,
     return StudentParts(model, student_tokenizer, vocab_map, layer_map,
                         _restrict(adapter.output_weight(teacher), vocab_map, teacher_vocab),
                         _restrict(adapter.output_bias(teacher), vocab_map, teacher_vocab))
+
+
+def _own_tokenizer_student(cfg: StudentConfig, seed: int, teacher, tokenizer, teacher_vocab: int) -> StudentParts:
+    """A student with its own tokenizer: teacher layers (or random ones), embeddings from the teacher's.
+
+    The body is built with the teacher's vocabulary, then its token embeddings are replaced by
+    ``student.embedding_init`` rows for the student's ids (:func:`megadistill.models.embedding_init.init_embeddings`).
+    The teacher head stays whole (``[Vt, Ht]``): cross-tokenizer KD compares full distributions.
+    """
+    from transformers import AutoTokenizer
+
+    from megadistill.models.embedding_init import apply_embeddings, init_embeddings
+
+    student_tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    layer_map = parse_layer_map(cfg.layer_map, getattr(teacher.config, adapter_for(teacher).depth_field))
+    if cfg.init == "random":
+        model = build_random_student(teacher, seed, layer_map, None)
+    else:
+        model = build_student_from_teacher(teacher, layer_map, None)
+    table = teacher.get_input_embeddings().weight.detach()[:teacher_vocab].float()
+    init = init_embeddings(student_tokenizer, tokenizer, table, method=cfg.embedding_init, seed=seed)
+    apply_embeddings(model, init.weight, student_tokenizer)
+    log.info("student tokenizer %s: %d ids, embeddings by %s: %d copied, %d averaged, %d fallback, %d special, %d random",
+             cfg.tokenizer, len(student_tokenizer), cfg.embedding_init, init.exact, init.averaged, init.fallback,
+             init.specials, init.random)
+    head = adapter_for(teacher).output_weight(teacher).detach()[:teacher_vocab].clone()
+    return StudentParts(model, student_tokenizer, None, layer_map, head, None)
 
 
 def _load_checkpoint(path: str, family: str):
@@ -237,3 +275,33 @@ def export_files(cfg: RunConfig, parts: StudentParts, stage: str) -> dict:
     if parts.vocab_map is not None:
         files["vocab_map.json"] = parts.vocab_map.to_dict()
     return files
+
+
+def best_exporter(run_dir: Path, metric: str, export, higher_is_better: bool, report=("ce",)):
+    """``on_eval`` hook: export ``hf_best/`` whenever dev ``metric`` improves (resumes from the saved best).
+
+    With 701 sentences a language a student overfits within ~100 steps, so every quality number is
+    read at its best dev checkpoint: this export, not the last step's.
+
+    Args:
+        run_dir: the run directory (``hf_best/`` goes inside).
+        metric: the held-out metric that selects (``ce`` for language modelling, ``accuracy`` for tasks).
+        export: ``f(out_dir, extra)`` writing the student with ``extra`` merged into ``megadistill.json``.
+        higher_is_better: direction of ``metric``.
+        report: dev metrics recorded beside the selected value.
+    """
+    best_file = run_dir / "hf_best" / "megadistill.json"
+    sign = 1.0 if higher_is_better else -1.0
+    best = {"value": -math.inf}
+    if best_file.is_file():
+        best["value"] = sign * json.loads(best_file.read_text(encoding="utf-8"))["best"]["value"]
+
+    def on_eval(step: int, metrics: dict) -> None:
+        # Every rank sees the same reduced metrics, so all take the same branch (the export is collective).
+        if sign * metrics[metric] > best["value"]:
+            best["value"] = sign * metrics[metric]
+            export(run_dir / "hf_best", {"best": {"step": step, "metric": metric, "value": metrics[metric],
+                                                  "dev": {k: metrics[k] for k in report if k in metrics}}})
+            log.info("dev %s %.4f at step %d: exported %s", metric, metrics[metric], step, run_dir / "hf_best")
+
+    return on_eval

@@ -26,8 +26,8 @@ from megadistill.models.teacher import count_parameters, load_teacher_once, outp
 from megadistill.objectives.lm import LMObjective, lm_metrics
 from megadistill.objectives.spec import KDSpec
 from megadistill.stages import StageRun
-from megadistill.stages.build import (build_features, build_student, check_paths, check_vocab_sizes, export_files,
-                                      open_cache, stage_loss)
+from megadistill.stages.build import (best_exporter, build_features, build_student, check_paths, check_vocab_sizes,
+                                      export_files, open_cache, stage_loss)
 from megadistill.teachers import CachedTeacher, NoTeacher, OnlineTeacher, TeacherBody
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         ValueError / FileNotFoundError: bad data, teacher, cache or student settings (naming them).
     """
     cfg = check_paths(cfg)
+    if cfg.student.tokenizer:  # a student with its own vocabulary: paired data, cross-tokenizer KD
+        from megadistill.stages import own_tokenizer
+
+        return own_tokenizer.build(cfg, ds_config)
     run_dir = Path(cfg.run_dir)
     teacher, tokenizer = load_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     masked = adapter_for(teacher).family == "encoder"
@@ -116,9 +120,12 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
         eval_batches = lambda: batch_iterator(make_valid, eval_indices(len(valid_data), rank, world, mbs,  # noqa: E731
                                                                        cfg.train.eval_max_batches))
 
-    def export(out_dir: Path) -> None:
-        checkpoint.export_hf(student, parts.tokenizer, out_dir, export_files(cfg, parts, "distilled"))
+    def export(out_dir: Path, extra: dict | None = None) -> None:
+        files = export_files(cfg, parts, "distilled")
+        files["megadistill.json"].update(extra or {})
+        checkpoint.export_hf(student, parts.tokenizer, out_dir, files)
 
     return StageRun(engine=student_engine, teacher=train_teacher, eval_teacher=online, metrics=lm_metrics,
                     train_batches=lambda consumed: batch_iterator(make_train, train_indices(consumed, rank, world, mbs)),
-                    tokens_per_sample=cfg.data.seq_len_tokens, eval_batches=eval_batches, export=export, info=info)
+                    tokens_per_sample=cfg.data.seq_len_tokens, eval_batches=eval_batches, export=export, info=info,
+                    on_eval=best_exporter(run_dir, "ce", export, False) if eval_batches is not None else None)

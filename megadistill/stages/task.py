@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from megadistill.data.tasks import (EncodedTexts, LabelSet, TaskBatches, TaskSpl
 from megadistill.models.teacher import count_parameters, resolve_teacher_once
 from megadistill.objectives.classify import ClassifyObjective, ClassifySpec, classify_metrics
 from megadistill.stages import StageRun
+from megadistill.stages.build import best_exporter
 from megadistill.teachers import CachedClassTeacher, ClassifierBody, ClassifierTeacher, NoTeacher
 
 log = logging.getLogger(__name__)
@@ -211,24 +211,6 @@ def _export_files(cfg: RunConfig, directory: Path, label_set: LabelSet, extra: d
     return files
 
 
-def _best_exporter(run_dir: Path, metric: str, export):
-    """``on_eval`` hook: export ``hf_best/`` whenever dev ``metric`` improves (resumes from the saved best)."""
-    best_file = run_dir / "hf_best" / "megadistill.json"
-    best = {"value": -math.inf}
-    if best_file.is_file():
-        best["value"] = json.loads(best_file.read_text(encoding="utf-8"))["best"]["value"]
-
-    def on_eval(step: int, metrics: dict) -> None:
-        # Every rank sees the same reduced metrics, so all take the same branch (the export is collective).
-        if metrics[metric] > best["value"]:
-            best["value"] = metrics[metric]
-            export(run_dir / "hf_best", {"best": {"step": step, "metric": metric, "value": metrics[metric],
-                                                  "dev": {k: metrics[k] for k in ("accuracy", "macro_f1", "ce")}}})
-            log.info("dev %s %.2f at step %d: exported %s", metric, metrics[metric], step, run_dir / "hf_best")
-
-    return on_eval
-
-
 def check_task_paths(cfg: RunConfig) -> None:
     """The student, the teacher (when one is used) and the logit cache exist, before anything loads.
 
@@ -290,4 +272,5 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
                         consumed, rank, world, mbs, len(train), cfg.train.seed, lengths)),
                     tokens_per_sample=task.max_len_tokens,
                     eval_batches=lambda: (make_dev(i) for i in task_eval_indices(len(dev), rank, world, mbs)),
-                    export=export, info=info, on_eval=_best_exporter(run_dir, task.select_metric, export))
+                    export=export, info=info, on_eval=best_exporter(run_dir, task.select_metric, export, True,
+                                                                     ("accuracy", "macro_f1", "ce")))
