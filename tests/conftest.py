@@ -79,6 +79,23 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int = 700):
     )
 
 
+def save_tiny_gemma_teacher(directory: Path, tokenizer) -> Path:
+    """Save a 4-layer Gemma 3 teacher (hidden 64, seed 0) with ``tokenizer`` into ``directory`` (for launcher runs)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    Gemma3ForCausalLM(cfg).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(sib200_dir):
     """Tiny BPE tokenizer trained on SIB-200 Hindi + English train text (about 700 ids)."""

@@ -28,7 +28,7 @@ def single_group_kd(student_probs, teacher_probs, method="uld", temperature=1.0,
     spec = KDSpec(vocab_size=ws.shape[0], ce_weight=0.0, temperature=temperature)
     out = cross_tokenizer_loss(hs, ws, torch.tensor(student_labels), ht, wt, torch.full((len(teacher_probs),), -100),
                                alignment, spec, method, shared=shared)
-    assert out.kd_groups.item() == 1
+    assert out.kd_tokens.item() == 1
     return out.kd_sum.item()
 
 
@@ -152,7 +152,7 @@ def run_both(case, spec, method, shared, normalizer=None, grad_scale=1.0):
                 case["teacher_labels"], case["alignment"], spec, method)
         if fn is cross_tokenizer_loss:
             out = fn(*args, shared=shared, normalizer=normalizer)
-            values = (out.loss, out.ce_sum, out.kd_sum, int(out.kd_groups))
+            values = (out.loss, out.ce_sum, out.kd_sum, int(out.kd_tokens))
         else:
             values = fn(*args, shared=shared, normalizer=normalizer)
         (values[0] * grad_scale).backward()
@@ -208,7 +208,7 @@ def test_identical_tokenizers_span_is_token_forward_kl(temperature):
     ref_grads = torch.autograd.grad(ref.loss, [hs, ws])
     for a, b in [(out.loss, ref.loss), (out.kd_sum, ref.kd_sum), (out.ce_sum, ref.ce_sum), *zip(grads, ref_grads)]:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert out.kd_groups.item() == ref.kd_tokens.item() == n
+    assert out.kd_tokens.item() == ref.kd_tokens.item() == n
 
 
 def test_unaligned_rows_are_excluded():
@@ -251,7 +251,7 @@ def test_kd_weight_zero_is_plain_ce():
     out = cross_tokenizer_loss(*case.values(), spec, "uld")
     z = case["student_hidden"] @ case["student_weight"][:8].T
     torch.testing.assert_close(out.loss, F.cross_entropy(z, case["student_labels"], ignore_index=-100))
-    assert out.kd_sum.item() == 0 and out.kd_groups.item() == 0
+    assert out.kd_sum.item() == 0 and out.kd_tokens.item() == 0
 
 
 def call_with(**changes):

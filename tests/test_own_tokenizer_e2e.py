@@ -12,10 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import build_tiny_tokenizer, free_port, read_sib200_texts
+from conftest import build_tiny_tokenizer, free_port, read_sib200_texts, save_tiny_gemma_teacher
 from megadistill.data.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
     """Tiny Gemma 3 teacher (about 700 ids), a smaller student tokenizer (about 385 ids), Hindi train/dev binarized with both."""
     root = tmp_path_factory.mktemp("own_tok")
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )
-    Gemma3ForCausalLM(cfg).save_pretrained(root / "teacher")
-    tiny_tokenizer.save_pretrained(root / "teacher")
+    save_tiny_gemma_teacher(root / "teacher", tiny_tokenizer)
     build_tiny_tokenizer(read_sib200_texts(sib200_dir, "hin_Deva")[:300], vocab_size=330).save_pretrained(root / "student_tok")
     teacher_tok = AutoTokenizer.from_pretrained(root / "teacher")
     student_tok = AutoTokenizer.from_pretrained(root / "student_tok")

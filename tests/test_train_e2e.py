@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import build_tiny_tokenizer, free_port, read_sib200_texts, remount_tmpfs, small_tmpfs
+from conftest import (build_tiny_tokenizer, free_port, read_sib200_texts, remount_tmpfs, save_tiny_gemma_teacher,
+                      small_tmpfs)
 from megadistill.data.binarize import binarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def workspace(tmp_path_factory, tiny_tokenizer, sib200_dir):
     """A tiny Gemma 3 teacher directory and binarized Hindi train/dev data."""
     root = tmp_path_factory.mktemp("e2e")
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )
-    Gemma3ForCausalLM(cfg).save_pretrained(root / "teacher")
-    tiny_tokenizer.save_pretrained(root / "teacher")
+    save_tiny_gemma_teacher(root / "teacher", tiny_tokenizer)
     tok = AutoTokenizer.from_pretrained(root / "teacher")
     binarize([sib200_dir / "hin_Deva" / "train.tsv"], tok, root / "data" / "hin.train", show_progress=False)
     binarize([sib200_dir / "hin_Deva" / "dev.tsv"], tok, root / "data" / "hin.dev", show_progress=False)

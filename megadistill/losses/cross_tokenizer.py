@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megadistill.losses.logits import _softcap_, _term_scales
+from megadistill.losses.logits import DistillLossOutput, _softcap_, _term_scales
 
 if TYPE_CHECKING:  # losses/ is the math only: no runtime dependency on objectives/
     from megadistill.objectives.spec import KDSpec, LossNormalizer
 
-__all__ = ["METHODS", "CrossTokenizerOutput", "SharedVocab", "SpanAlignment", "cross_tokenizer_loss"]
+__all__ = ["METHODS", "SharedVocab", "SpanAlignment", "cross_tokenizer_loss"]
 
 METHODS = ("uld", "span")
 IGNORE_INDEX = -100  # megadistill.data.collate.IGNORE_INDEX (losses/ does not import data/)
@@ -108,41 +108,10 @@ def _special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
 
 
-@dataclass
-class CrossTokenizerOutput:
-    """Result of :func:`cross_tokenizer_loss`: the loss and the sums and counts behind it.
-
-    Attributes:
-        loss: scalar (fp32, fp64 for fp64 inputs), differentiable w.r.t. the student hidden
-            states and head: ``ce_weight * ce_sum / ce_div + kd_weight * kd_sum / kd_div``.
-        ce_sum: detached scalar: summed student cross entropy over its label tokens, nats.
-        ce_tokens: int64 scalar tensor: student rows whose label is not -100.
-        kd_sum: detached scalar: summed KD over the groups, including the ``T**2`` factor
-            (0 when KD is skipped).
-        kd_groups: int64 scalar tensor: groups that received KD (0 when KD is skipped).
-    """
-
-    loss: torch.Tensor
-    ce_sum: torch.Tensor
-    ce_tokens: torch.Tensor
-    kd_sum: torch.Tensor
-    kd_groups: torch.Tensor
-
-    @property
-    def ce(self) -> torch.Tensor:
-        """Scalar: mean CE over this call's label tokens, nats/token (0 when there are none)."""
-        return self.ce_sum / self.ce_tokens.clamp(min=1)
-
-    @property
-    def kd(self) -> torch.Tensor:
-        """Scalar: mean KD over this call's groups (0 when there are none)."""
-        return self.kd_sum / self.kd_groups.clamp(min=1)
-
-
 def cross_tokenizer_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_labels: torch.Tensor,
                          teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_labels: torch.Tensor,
                          alignment: SpanAlignment, spec: KDSpec, method: str, *, shared: SharedVocab | None = None,
-                         normalizer: LossNormalizer | None = None) -> CrossTokenizerOutput:
+                         normalizer: LossNormalizer | None = None) -> DistillLossOutput:
     """Student CE plus ULD or span-aligned KD to a teacher with another tokenizer, over chunks.
 
     Rows are flattened over the micro-batch and shifted like CE (row ``r`` predicts
@@ -188,7 +157,7 @@ def cross_tokenizer_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
             ``None`` divides by this call's CE tokens and KD groups clamped to >= 1.
 
     Returns:
-        :class:`CrossTokenizerOutput`.
+        :class:`~megadistill.losses.logits.DistillLossOutput` (``kd_tokens`` counts the groups that received KD).
 
     Raises:
         ValueError: unknown method; mismatched ranks, widths or lengths; ``Vs`` above the head
@@ -220,7 +189,7 @@ def cross_tokenizer_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         loss, ce_sum, kd_sum = _CrossTokenizerLoss.apply(student_hidden, student_weight, problem)
     else:
         loss, ce_sum, kd_sum, _ = _forward(student_hidden, student_weight, problem, wanted=(False, False))
-    return CrossTokenizerOutput(loss, ce_sum, ce_tokens, kd_sum, kd_groups)
+    return DistillLossOutput(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum, ce_tokens=ce_tokens, kd_tokens=kd_groups)
 
 
 def _check_inputs(s_hidden, s_weight, s_labels, t_hidden, t_weight, t_labels, alignment, spec, method) -> None:

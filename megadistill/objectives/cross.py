@@ -77,19 +77,16 @@ class CrossTokenizerObjective(torch.nn.Module):
         weight = self.adapter.output_weight(self.student)
         if signal.hidden is None:
             out = chunked_distill_loss(hidden, weight, labels.flatten(), _ce_only(spec), normalizer=normalizer)
-            kd_sum, kd_count = out.kd_sum, torch.zeros((), device=device)
         else:
             alignment = SpanAlignment(batch["student_group"].flatten().to(device), batch["teacher_group"].flatten().to(device),
                                       int(batch["num_groups"]))
             out = cross_tokenizer_loss(hidden, weight, labels.flatten(), signal.hidden.flatten(0, 1),
                                        self.teacher_head, self._teacher_labels(batch).to(device), alignment, spec,
                                        self.method, shared=self.shared, normalizer=normalizer)
-            kd_sum, kd_count = out.kd_sum, out.kd_groups
-        stats = {"ce_sum": out.ce_sum, "ce_tokens": out.ce_tokens.float(), "kd_sum": kd_sum,
-                 "kd_tokens": torch.as_tensor(kd_count, device=device).float(), "micro_batches": torch.ones((), device=device),
+        stats = {"ce_sum": out.ce_sum, "ce_tokens": out.ce_tokens.float(), "kd_sum": out.kd_sum,
+                 "kd_tokens": out.kd_tokens.float(), "micro_batches": torch.ones((), device=device),
                  "dropped_tokens": torch.zeros((), device=device)}
         return {"loss": out.loss, "stats": {k: v.detach().float() for k, v in stats.items()}}
-
 
     def _teacher_labels(self, batch: dict) -> torch.Tensor:
         """``[B * Lt]`` teacher labels in the (restricted) teacher vocabulary; padding stays -100."""
