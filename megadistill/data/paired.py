@@ -208,6 +208,7 @@ def _row_groups(s_token_group: np.ndarray, t_token_group: np.ndarray, offset: in
     bad = {int(s_token_group[0]), int(t_token_group[0])} - {-1}
     present = (set(np.unique(s_rows[s_rows >= 0]).tolist()) & set(np.unique(t_rows[t_rows >= 0]).tolist())) - bad
     keep = np.array(sorted(present), dtype=np.int64)
+    # One spare entry past the largest group: rows of group -1 index it (as renumber[-1]) and stay -1.
     renumber = np.full(int(max(s_token_group.max(initial=-1), t_token_group.max(initial=-1))) + 2, -1, dtype=np.int64)
     renumber[keep] = np.arange(len(keep)) + offset
     return renumber[s_rows], renumber[t_rows], len(keep)
