@@ -109,3 +109,13 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     return " ".join(str(err).split())
+
+
+def write_error_line(program: str, message: str) -> None:
+    """Write ``PROGRAM: error: MESSAGE`` to stderr as one line in a single write.
+
+    Every rank reports a fatal error, and ``print`` writes the text and its newline separately,
+    so two ranks' lines could run together on the shared stderr.
+    """
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.stderr.flush()

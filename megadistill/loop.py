@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -278,3 +279,16 @@ def run(parts: LoopParts, train: TrainConfig, state: LoopState) -> dict:
     return {"steps_run": steps_run, "train_time_s": elapsed, "tokens_per_step": tokens_per_step,
             "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9), "valid": valid,
             "skipped_steps": state.skipped_steps, "stopped_by": stopped}
+
+
+def why_not_finished(totals: dict, state: LoopState, max_steps: int, run_dir: Path) -> str | None:
+    """Why a job exits without exporting, from :func:`run`'s totals: a signal, an earlier complete
+    run (its ``hf/`` export exists and no step ran), ``train.exit_after_steps``; None when finished."""
+    if totals["stopped_by"]:
+        return (f"stopped by {totals['stopped_by']} after step {state.step} of {max_steps}: checkpoint saved; "
+                "rerun the same command to resume")
+    if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
+        return f"run already complete at step {state.step}: {run_dir / 'hf'} holds its export (use a new run_dir to train again)"
+    if state.step < max_steps:
+        return f"stopped at step {state.step} of {max_steps} (train.exit_after_steps): rerun the same command to resume"
+    return None

@@ -29,7 +29,7 @@ import torch
 from megadistill import checkpoint, distributed, engine, loop
 from megadistill.config import load_config, write_run_config
 from megadistill.files import atomic_write_text
-from megadistill.logging import MetricsLogger, one_line, setup_console
+from megadistill.logging import MetricsLogger, one_line, setup_console, write_error_line
 from megadistill.stages import STAGES
 from megadistill.stop import GracefulStop
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             totals = loop.run(built.loop_parts(save, metrics_logger.log, stop), cfg.train, state)
         finally:
             metrics_logger.close()
-    unfinished = _why_not_finished(totals, state, cfg, run_dir)
+    unfinished = loop.why_not_finished(totals, state, cfg.train.max_steps, run_dir)
     if unfinished:
         log.info(unfinished)
     else:
@@ -90,27 +90,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _why_not_finished(totals: dict, state: loop.LoopState, cfg, run_dir: Path) -> str | None:
-    """Why this process exits without exporting (a signal, an earlier complete run, ``exit_after_steps``), or None."""
-    if totals["stopped_by"]:
-        return (f"stopped by {totals['stopped_by']} after step {state.step} of {cfg.train.max_steps}: checkpoint saved; "
-                "rerun the same command to resume")
-    if totals["steps_run"] == 0 and (run_dir / "hf" / "config.json").is_file():
-        return f"run already complete at step {state.step}: {run_dir / 'hf'} holds its export (use a new run_dir to train again)"
-    if state.step < cfg.train.max_steps:
-        return (f"stopped at step {state.step} of {cfg.train.max_steps} (train.exit_after_steps): rerun the same command "
-                "to resume")
-    return None
-
-
-def _print_error(message: str) -> None:
-    """Write ``megadistill.train: error: MESSAGE`` as one line in a single write: every rank
-    reports the error, and ``print`` writes the text and its newline separately, so two ranks'
-    lines could run together on the shared stderr."""
-    sys.stderr.write(f"megadistill.train: error: {message}\n")
-    sys.stderr.flush()
-
-
 def cli(argv=None) -> int:
     """Console entry point (``megadistill-train``, and ``python megadistill/train.py``).
 
@@ -122,10 +101,10 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (ValueError, FileNotFoundError) as err:
-        _print_error(str(err))
+        write_error_line("megadistill.train", str(err))
         return 2
     except (OSError, loop.NonFiniteError) as err:
-        _print_error(one_line(err))
+        write_error_line("megadistill.train", one_line(err))
         return 1
 
 
