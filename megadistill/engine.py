@@ -130,6 +130,23 @@ def init_student(module: torch.nn.Module, ds_config: dict, train: TrainConfig, o
     return engine
 
 
+def copy_full_parameters(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy ``source``'s parameters into the plain module ``target`` of the same structure (collective).
+
+    Under ZeRO-3 each rank holds a shard of ``source``'s parameters: they are gathered
+    (``deepspeed.zero.GatheredParameters``, every rank must call this at the same point) and
+    copied whole, so ``target`` can generate without the per-module gathers ZeRO-3 would
+    otherwise run on every decoding step. Under ZeRO-0/1/2 nothing is gathered.
+
+    Raises:
+        KeyError: ``target`` has a parameter ``source`` lacks (the modules differ).
+    """
+    params = dict(source.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None), torch.no_grad():
+        for name, param in target.named_parameters():
+            param.copy_(params[name].data.to(param.device, param.dtype))
+
+
 def init_teacher(module: torch.nn.Module, ds_config: dict):
     """Wrap the frozen teacher in an inference-only DeepSpeed engine (ZeRO-3 shards its weights).
 

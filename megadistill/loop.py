@@ -145,7 +145,9 @@ def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, s
     """
     torch.manual_seed(step_seed(train.seed, state.step, distributed.rank()))
     engine = parts.engine
+    t0 = time.perf_counter()
     micro = [next(batches) for _ in range(train.grad_accum_steps)]
+    batch_s = time.perf_counter() - t0
     normalizer = global_normalizer([engine.module.counts(b) for b in micro], train.grad_accum_steps)
     totals = _Totals()
     for batch in micro:
@@ -160,7 +162,18 @@ def _train_step(parts: LoopParts, batches: Iterator[dict], train: TrainConfig, s
     stop_requested = reduced.pop("stop_requested")
     metrics = parts.metrics(reduced)
     metrics["stop_requested"] = stop_requested
+    metrics.update(_time_breakdown(micro, batch_s))
     return metrics, micro
+
+
+def _time_breakdown(micro: list[dict], batch_s: float) -> dict[str, float]:
+    """This rank's seconds spent making the step's micro-batches (``batch_s``), and of those, sampling
+    on-policy continuations (``generate_s``, with ``on_policy_batches`` counted) when any were generated."""
+    out = {"batch_s": batch_s}
+    generated = [b["generate_s"] for b in micro if "generate_s" in b]
+    if generated:
+        out.update(generate_s=sum(generated), on_policy_batches=float(len(generated)))
+    return out
 
 
 def sample_ids(micro: list[dict]) -> list:
@@ -214,7 +227,8 @@ def _step_metrics(parts: LoopParts, metrics: dict, spec, lr: float, tokens: int,
     loss = spec.ce_weight * metrics["ce"] + spec.kd_weight * metrics["kd"] + sum(
         v for k, v in metrics.items() if k.startswith("feat_"))
     metrics.update(loss=loss, lr=lr, ce_weight=spec.ce_weight, kd_weight=spec.kd_weight, temperature=spec.temperature,
-                   grad_norm=float(parts.engine.get_global_grad_norm() or 0.0), tokens_per_s=tokens / max(seconds, 1e-9))
+                   grad_norm=float(parts.engine.get_global_grad_norm() or 0.0), tokens_per_s=tokens / max(seconds, 1e-9),
+                   step_s=seconds)
     return metrics
 
 

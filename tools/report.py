@@ -1,6 +1,7 @@
 """Print (and optionally write) the markdown result table of a study directory.
 
     python tools/report.py own-tokenizer runs/own_tokenizer_study [--output table.md]
+    python tools/report.py post runs/post_study [--output table.md]
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistill.files import atomic_write_text  # noqa: E402
-from megadistill.report import own_tokenizer_table  # noqa: E402
+from megadistill.report import own_tokenizer_table, post_table  # noqa: E402
 
-TABLES = {"own-tokenizer": own_tokenizer_table}
+TABLES = {"own-tokenizer": own_tokenizer_table, "post": post_table}
 
 
 def main(argv=None) -> int:

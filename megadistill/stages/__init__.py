@@ -50,9 +50,9 @@ class StageRun:
 
 
 def _stages() -> dict:
-    from megadistill.stages import pretrain, task
+    from megadistill.stages import post, pretrain, task
 
-    return {"pre": pretrain, "task": task}
+    return {"pre": pretrain, "task": task, "post": post}
 
 
 class _Registry(dict):

@@ -65,11 +65,18 @@ def _teacher_needed_online(cfg: RunConfig, features) -> bool:
     return cfg.teacher.mode == "online" and (kd_ever or features is not None)
 
 
-def build(cfg: RunConfig, ds_config: dict) -> StageRun:
+def build(cfg: RunConfig, ds_config: dict, make_student=build_student, labels: tuple[str, str] = ("init", "distilled"),
+          ) -> StageRun:
     """Teacher, data, student, objective and engines of a pre-training distillation run.
 
     Every path of the config is checked first (:func:`~megadistill.stages.build.check_paths`), so a
     missing dataset or model fails in a second, not after the teacher has loaded.
+
+    Args:
+        cfg, ds_config: the run config and the DeepSpeed JSON.
+        make_student: ``f(student_cfg, seed, teacher, tokenizer, train_sets, teacher_vocab) -> StudentParts``
+            (:func:`~megadistill.stages.build.build_student`; ``stage: post`` passes its reduction).
+        labels: the ``stage`` recorded in ``hf_init/`` and in the trained exports' ``megadistill.json``.
 
     Raises:
         ValueError / FileNotFoundError: bad data, teacher, cache or student settings (naming them).
@@ -85,14 +92,14 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
     train_sets, train_data, valid_data = _datasets(cfg, tokenizer, run_dir, masked)
     cache = open_cache(cfg, train_data, tokenizer, masked)
-    parts = build_student(cfg.student, cfg.train.seed, teacher, tokenizer, train_sets, teacher_vocab)
+    parts = make_student(cfg.student, cfg.train.seed, teacher, tokenizer, train_sets, teacher_vocab)
     student = parts.model
     info = {"parameters": {"teacher": count_parameters(teacher), "student": count_parameters(student)},
             "objective": "mlm" if masked else "clm", "teacher_mode": cfg.teacher.mode}
     log.info("parameters: %s; student vocabulary %d ids (teacher %d); layers %s", json.dumps(info["parameters"]),
              len(parts.tokenizer), teacher_vocab, parts.layer_map)
     if distributed.broadcast_object(not (run_dir / "hf_init").exists()):
-        checkpoint.export_hf(student, parts.tokenizer, run_dir / "hf_init", export_files(cfg, parts, "init"))
+        checkpoint.export_hf(student, parts.tokenizer, run_dir / "hf_init", export_files(cfg, parts, labels[0]))
 
     features = build_features(cfg.features, student, teacher, parts.layer_map)
     loss_cfg = stage_loss(cfg.loss, cfg.teacher.mode)
@@ -121,7 +128,7 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
                                                                        cfg.train.eval_max_batches))
 
     def export(out_dir: Path, extra: dict | None = None) -> None:
-        files = export_files(cfg, parts, "distilled")
+        files = export_files(cfg, parts, labels[1])
         files["megadistill.json"].update(extra or {})
         checkpoint.export_hf(student, parts.tokenizer, out_dir, files)
 
