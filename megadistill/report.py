@@ -83,9 +83,9 @@ POST_ROWS = {
     "depth6_no_teacher": "depth -6: reduced, trained with CE only (no teacher)",
     "mlp50_reduced": "MLP 50%: reduced, not healed", "mlp50_healed": "MLP 50%: reduced + healed (KD)",
     "vocab_trimmed": "vocabulary trimmed to the language (no training)",
-    "small_no_teacher": "4 layers: CE on the corpus (no teacher)", "small_token_kd": "4 layers: token-level KD (JSD 0.5)",
+    "small_no_teacher": "4 layers: CE on the corpus (no teacher)", "small_token_kd": "4 layers: token-level KD (forward KL)",
     "small_seq_kd": "4 layers: sequence-level KD (CE on teacher samples)",
-    "small_on_policy": "4 layers: on-policy KD (GKD, lambda 0.5, JSD 0.5)",
+    "small_on_policy": "4 layers: on-policy KD (GKD, lambda 0.5, forward KL)",
 }
 """Model name in ``eval.json`` -> row label of ``launch_scripts/post_study.sh``."""
 
