@@ -50,3 +50,31 @@ def test_cli_writes_the_table(tmp_path, capsys):
     out = tmp_path / "table.md"
     assert tool.main(["own-tokenizer", str(_study(tmp_path / "s")), "--output", str(out)]) == 0
     assert out.read_text() == capsys.readouterr().out
+
+
+def _post_study(tmp_path):
+    """A post-study fixture: teacher, a reduced-only row (hf_init of depth6_healed), its healed row and the baseline."""
+    lang = tmp_path / "hin_Deva"
+    lang.mkdir(parents=True)
+    rec = lambda name, bpc, non_emb, total: {"name": name, "language": "hin_Deva", "bits_per_char": bpc,  # noqa: E731
+                                              "parameters": {"non_embedding": non_emb, "total": total}}
+    results = [rec("teacher", 2.0, 100_000_000, 268_000_000), rec("depth6_reduced", 8.0, 67_000_000, 80_000_000),
+               rec("depth6_healed", 3.0, 67_000_000, 80_000_000), rec("depth6_no_teacher", 4.0, 67_000_000, 80_000_000)]
+    (lang / "eval.json").write_text(json.dumps({"results": results}))
+    for name, step in (("depth6_healed", 20), ("depth6_no_teacher", 30)):
+        (lang / name / "hf_best").mkdir(parents=True)
+        (lang / name / "hf_best" / "megadistill.json").write_text(json.dumps({"best": {"step": step, "value": 1.0}}))
+        (lang / name / "summary.json").write_text(json.dumps({"steps": 30}))
+    (lang / "depth6_healed" / "hf_init").mkdir()
+    (lang / "depth6_healed" / "hf_init" / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    return tmp_path
+
+
+def test_post_table_reads_reduced_rows_from_hf_init_and_trained_rows_at_their_best_step(tmp_path):
+    from megadistill.report import post_table
+
+    teacher, reduced, healed, baseline = post_table(_post_study(tmp_path)).splitlines()[2:]
+    assert "teacher" in teacher and "| 2.0000 | - |" in teacher
+    assert "not healed" in reduced and "| 67.0M | 80.0M | 3 | 8.0000 | +300.0% | - |" in reduced
+    assert "healed (KD)" in healed and "| 3.0000 | +50.0% | 20 / 30 |" in healed
+    assert "no teacher" in baseline and "| 4.0000 | +100.0% | 30 / 30 |" in baseline
