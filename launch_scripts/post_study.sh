@@ -78,7 +78,7 @@ for lang in $langs; do
   done
   train "$d/depth6_no_teacher" "${corpus[@]}" teacher.mode=none "$imp" post.drop_layers=6
   echo "== $lang: MLP to 50% + healed"
-  train "$d/mlp50_healed" "${corpus[@]}" "${kd[@]}" "$imp" post.keep_mlp=1024
+  train "$d/mlp50_healed" "${corpus[@]}" "${kd[@]}" "$imp" post.drop_layers=0 post.keep_mlp=1024
   echo "== $lang: vocabulary: full vs trimmed (hf_init of drop-0 runs, 1 step)"
   train "$d/vocab_trimmed" "${corpus[@]}" "${kd[@]}" post.drop_layers=0 train.max_steps=1 train.eval_every_steps=0
   train "$d/vocab_full" "${corpus[@]}" "${kd[@]}" post.drop_layers=0 train.max_steps=1 train.eval_every_steps=0 student.trim_vocab=false
@@ -95,7 +95,7 @@ for lang in $langs; do
     div=(loss.divergence=forward_kl)  # JSD(0.5) saturates at log 2 from this broken start (CE ~30 nats): no gradient
     train "$d/small_token_kd" "${corpus[@]}" "${four[@]}" "${div[@]}"
     [ -f "$d/data/$lang.generated.json" ] || python tools/generate.py --model "$teacher" --data "$d/data/$lang.train" \
-      --output "$d/data/$lang.generated" --prompt-tokens 16 --max-new-tokens 48 --num-prompts 256 --batch-size 16 \
+      --output "$d/data/$lang.generated" --prompt-tokens 16 --max-new-tokens 48 --num-prompts 128 --batch-size 16 \
       --temperature 1.0 --top-p 0.95 --seed 1234
     train "$d/small_seq_kd" "data.train_prefixes=[$d/data/$lang.generated]" "data.valid_prefixes=[$d/data/$lang.dev]" \
       "${four[@]}" teacher.mode=none
