@@ -36,6 +36,7 @@ from megadistill.data.indexed import (IndexedDataset, IndexedDatasetWriter, open
                                       read_framing, read_provenance, token_dtype_for_vocab, write_provenance)
 from megadistill.data.inspect import resolve_dataset
 from megadistill.files import fsync_directory
+from megadistill.models.teacher import state_dict_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -219,20 +220,6 @@ def _samples(out: torch.Tensor, prompt_len: int, max_new: int, eos: int, pad: in
     generated = torch.zeros_like(sequences, dtype=torch.bool)
     generated[:, prompt_len:] = before_first_eos
     return Samples(sequences=sequences, generated=generated)
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 (hex, 64 chars) of a model's state dict: every tensor's name, dtype, shape and bytes, by sorted name.
-
-    Deterministic for the same weights in the same dtype (moving to another device keeps it;
-    casting to bf16 changes it). Reads every parameter once (about a second per GB).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_output(output_prefix: str | Path, overwrite: bool = False) -> Path:

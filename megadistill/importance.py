@@ -40,9 +40,10 @@ from megadistill.data.packing import PackedDataset
 from megadistill.files import atomic_write_text
 from megadistill.losses.logits import auto_chunk_size_tokens
 from megadistill.models.adapters import ModelAdapter, adapter_for
+from megadistill.models.teacher import state_dict_sha256
 
 __all__ = ["FORMAT", "CalibrationSet", "Importance", "calibration_batches", "compute_importance",
-           "format_layer_table", "state_dict_sha256"]
+           "format_layer_table"]
 
 FORMAT = "megadistill-importance-1"
 """``meta["format"]`` of every importance file this module writes and reads."""
@@ -474,16 +475,6 @@ def _mean_loss(model, adapter, batches: list[dict], device, sums: _Sums | None =
     if count == 0:
         raise ValueError("the calibration batches hold no labelled token (every label is -100)")
     return nll / count
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 (hex) of the model's state dict: names, dtypes, shapes and bytes, in sorted key order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _tokens_sha256(batches: list[dict]) -> str:

@@ -382,6 +382,22 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"embedding": embedding, "non_embedding": total - embedding, "total": total}
 
 
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 (hex, 64 chars) of a model's state dict: every tensor's name, dtype, shape and bytes, by sorted name.
+
+    Deterministic for the same weights in the same dtype (moving to another device keeps it;
+    casting to bf16 changes it). Reads every parameter once (about a second per GB). Recorded as
+    the model hash in generated datasets (:mod:`megadistill.generate`) and importance files
+    (:mod:`megadistill.importance`).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def output_softcap(config: PretrainedConfig) -> float | None:
     """The final-logit soft cap ``c`` (logits = c·tanh(z/c), Gemma 2/3), or None when not used."""
     return getattr(config.get_text_config(), "final_logit_softcapping", None)

@@ -55,10 +55,15 @@ def width_plan(post: PostConfig, importance, kept_layers: list[int]) -> WidthPla
     """
     if max(post.keep_heads, post.keep_mlp, post.keep_hidden) == 0:
         return None
-    heads = [importance.top_heads(post.keep_heads)[i] for i in kept_layers] if post.keep_heads else None
-    mlp = [importance.top_mlp(post.keep_mlp)[i] for i in kept_layers] if post.keep_mlp else None
+    heads = _rows_of(importance.top_heads(post.keep_heads), kept_layers) if post.keep_heads else None
+    mlp = _rows_of(importance.top_mlp(post.keep_mlp), kept_layers) if post.keep_mlp else None
     hidden = importance.top_hidden(post.keep_hidden) if post.keep_hidden else None
     return WidthPlan(heads=heads, mlp=mlp, hidden=hidden)
+
+
+def _rows_of(per_layer: list[list[int]], kept_layers: list[int]) -> list[list[int]]:
+    """The rows of a per-layer selection (ranked once for every layer) for the kept layers, in student order."""
+    return [per_layer[i] for i in kept_layers]
 
 
 def _load_importance(post: PostConfig, depth: int):
