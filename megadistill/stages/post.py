@@ -84,8 +84,10 @@ def reducer(post: PostConfig, keep_plain_copy: bool):
 
     Layers are dropped by building the student from the kept teacher layers (with the trimmed
     vocabulary, :func:`~megadistill.stages.build.build_student`), then width is pruned.
-    The returned function records its :class:`StudentParts` (and, with ``keep_plain_copy``, a copy
-    of the reduced model for on-policy sampling, made before any engine partitions it) in ``made``.
+    Returns:
+        ``(make_student, made)``: once called, ``make_student`` records in the dict ``made`` its
+        :class:`StudentParts`, the dropped layers and (with ``keep_plain_copy``) a copy of the reduced
+        model for on-policy sampling, made before any engine partitions it.
     """
     made: dict = {}
 
@@ -104,8 +106,7 @@ def reducer(post: PostConfig, keep_plain_copy: bool):
         made.update(parts=parts, dropped=drop, plain=copy.deepcopy(parts.model) if keep_plain_copy else None)
         return parts
 
-    make_student.made = made
-    return make_student
+    return make_student, made
 
 
 def build(cfg: RunConfig, ds_config: dict) -> StageRun:
@@ -119,9 +120,8 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     if post.importance and not Path(post.importance).is_file():
         raise FileNotFoundError(f"post.importance: {post.importance} not found: write it with python tools/importance.py "
                                 f"--model {cfg.teacher.path} --data <train prefix> --output <dir>")
-    make_student = reducer(post, keep_plain_copy=post.on_policy > 0)
+    make_student, made = reducer(post, keep_plain_copy=post.on_policy > 0)
     run = pretrain.build(cfg, ds_config, make_student, labels=("reduced", "healed"))
-    made = make_student.made
     run.info["reduction"] = {"dropped_layers": made["dropped"], "kept_layers": made["parts"].layer_map,
                              "keep_heads": post.keep_heads, "keep_mlp": post.keep_mlp, "keep_hidden": post.keep_hidden}
     if post.on_policy > 0:
