@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistill.data.collate import collate_clm  # noqa: E402
-from megadistill.data.indexed import IndexedDataset  # noqa: E402
+from megadistill.data.indexed import IndexedDataset, read_provenance  # noqa: E402
 from megadistill.data.packing import PackedDataset  # noqa: E402
 from megadistill.models.teacher import load_teacher  # noqa: E402
 
@@ -43,9 +43,9 @@ def documents_ce(model, docs: list[np.ndarray], drop_bos: bool) -> float:
     return total / count
 
 
-def windows_ce(model, dataset: IndexedDataset, seq_len_tokens: int) -> float:
-    """Mean CE (nats/token) over the unshuffled packed windows of ``seq_len_tokens``."""
-    packed = PackedDataset([dataset], seq_len_tokens, shuffle=False)
+def windows_ce(model, dataset: IndexedDataset, seq_len_tokens: int, restart_id: int | None = None) -> float:
+    """Mean CE (nats/token) over the unshuffled packed windows of ``seq_len_tokens`` (``restart_id``: BOS-restarted)."""
+    packed = PackedDataset([dataset], seq_len_tokens, shuffle=False, restart_id=restart_id)
     total, count = 0.0, 0
     for i in range(len(packed)):
         tokens, docs = packed.item(i)
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     print(f"documents with BOS     {documents_ce(model, docs, drop_bos=False):.3f} nats/token")
     print(f"documents without BOS  {documents_ce(model, docs, drop_bos=True):.3f} nats/token")
     print(f"packed {args.seq_len}-token windows {windows_ce(model, dataset, args.seq_len):.3f} nats/token")
+    bos = read_provenance(args.data)["bos_id"]
+    print(f"packed {args.seq_len}-token windows, BOS-restarted {windows_ce(model, dataset, args.seq_len, bos):.3f} nats/token")
     return 0
 
 

@@ -80,6 +80,12 @@ class DataConfig:
     """Restart position ids at each document inside a packed window and keep attention inside
     documents (varlen / FlexAttention / block-diagonal mask, chosen by the model's attention
     backend). False: GPT-style packing where tokens attend across the EOS."""
+    window_bos: bool = False
+    """Causal teachers: put the tokenizer's BOS in place of the first token of every packed window
+    that starts inside a document (train and valid windows), so each window starts as a document
+    does. Gemma-style teachers lean on BOS: without it their next-token distributions are much
+    worse (``bench/teacher_windows.py``). An offline teacher cache must be built the same way
+    (``tools/cache_teacher_logits.py --window-bos``)."""
     blend_alpha: float = 0.3
     """With several training prefixes: sample language i with probability q_i ∝ n_i^alpha
     (n_i its tokens; XLM-R's 0.3). 1.0 keeps natural proportions, 0.0 is uniform."""

@@ -85,6 +85,18 @@ def init(timeout_s: int = 1800) -> None:
         dist.init_process_group(backend=backend(), timeout=timedelta(seconds=timeout_s))
 
 
+def shutdown() -> None:
+    """End a multi-process job cleanly: wait for all ranks, then destroy the default process group.
+
+    Without it, gloo's and DeepSpeed's communicator threads can still be alive at interpreter
+    shutdown, and a finished 2-rank CPU run then died with ``terminate called without an active
+    exception`` (exit code 250) after its work was done. A one-process job has no group to end.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 

@@ -154,6 +154,7 @@ class CacheSpec:
             ``mlm`` (a row per masked position of the static mask: an encoder teacher).
         masking: ``mlm`` only: the :class:`MaskingConfig` of the replayed masks (training's
             ``data.mask_prob`` / ``data.whole_word``); the mask seed is ``seed`` (``train.seed``).
+        window_bos: the windows starting inside a document began with BOS (``data.window_bos``).
     """
 
     kind: str = "topk"
@@ -166,6 +167,7 @@ class CacheSpec:
     temperature: float = 1.0
     objective: str = "clm"
     masking: MaskingConfig | None = None
+    window_bos: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
@@ -224,7 +226,8 @@ def spec_for_teacher(spec: CacheSpec, teacher, mask_prob: float | None = None, w
 
 def spec_from_meta(meta: dict) -> CacheSpec:
     """The :class:`CacheSpec` of a ``meta.json``; fields added later default to what older writers did."""
-    fields = {"document_masking": False, "temperature": 1.0, "objective": "clm", "masking": None, **meta["spec"]}
+    fields = {"document_masking": False, "temperature": 1.0, "objective": "clm", "masking": None, "window_bos": False,
+              **meta["spec"]}
     if fields["masking"] is not None:
         fields["masking"] = MaskingConfig(**fields["masking"])
     return CacheSpec(**fields)
@@ -616,6 +619,7 @@ class TeacherCache:
         expected = {
             "seq_len_tokens": (self.spec.seq_len_tokens, packed.seq_len_tokens),
             "document_masking": (self.spec.document_masking, document_masking),
+            "window_bos (data.window_bos)": (self.spec.window_bos, getattr(packed, "restart_id", None) is not None),
             "seed": (self.spec.seed, packed.seed),
             "num_windows": (self.meta["num_windows"], len(packed)),
             "tokenizer_sha256": (self.meta["tokenizer_sha256"], tokenizer_sha256(tokenizer)),

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                        "consumed_samples": state.consumed_samples, **built.info, "wall_time_s": time.time() - wall_start, **totals}
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
             log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "tokens_per_s", "wall_time_s")}))
-    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 

@@ -180,3 +180,21 @@ def test_explicit_block_mask_isolates_documents_in_a_bidirectional_encoder():
             alone = model(input_ids=tokens[:, start : start + n]).last_hidden_state[0]
             torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-5, atol=1e-5)
             start += n
+
+
+def test_restart_id_replaces_only_a_mid_document_first_token():
+    corpus = docs()
+    plain = PackedDataset([corpus], seq_len_tokens=16, shuffle=False)
+    bos = PackedDataset([corpus], seq_len_tokens=16, shuffle=False, restart_id=2)
+    starts = set(np.cumsum([0] + [len(d) for d in corpus]).tolist())
+    mid = 0
+    for i in range(len(plain)):
+        (a, a_docs), (b, b_docs) = plain.item(i), bos.item(i)
+        np.testing.assert_array_equal(a[1:], b[1:])  # every target is unchanged: none is lost
+        np.testing.assert_array_equal(a_docs, b_docs)
+        if i * 16 in starts:
+            assert b[0] == a[0]  # a window that starts at a document keeps its first token
+        else:
+            assert b[0] == 2 and a[0] != 2
+            mid += 1
+    assert 0 < mid < len(plain)

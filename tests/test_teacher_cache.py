@@ -152,6 +152,9 @@ def test_mismatches_and_damage_are_named(cache_workspace, tmp_path, single_proce
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         cache.check_compatible(packed_windows(cache_workspace), other)
+    bos = PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], SEQ, seed=7, fixed_layout=True, restart_id=2)
+    with pytest.raises(ValueError, match=r"window_bos \(data.window_bos\) is False in the cache but True"):
+        cache.check_compatible(bos, tok)
     with pytest.raises(ValueError, match="fixed_layout"):
         cache.check_compatible(PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], SEQ, seed=7), tok)
     entries = shard_path(out, 0, "entries")
@@ -205,3 +208,19 @@ def test_tempered_cache_stores_the_tempered_topk_and_is_valid_only_at_its_temper
     (out / "meta.json").write_text(json.dumps(meta))
     old = TeacherCache(out)
     assert old.spec.temperature == 1.0 and old.targets([0]).temperature == 1.0 and old.objective == "clm"
+
+
+def test_window_bos_cache_holds_the_teacher_on_bos_restarted_windows(cache_workspace, tmp_path, single_process):
+    out = tmp_path / "bos"
+    run_tool(cache_workspace, out, "--k", "8", "--window-bos")
+    cache = TeacherCache(out)
+    teacher, tok = load_teacher(cache_workspace / "teacher")
+    packed = PackedDataset([IndexedDataset(cache_workspace / "data" / "hin")], SEQ, seed=7, fixed_layout=True,
+                           restart_id=tok.bos_token_id)
+    cache.check_compatible(packed, tok)
+    plain = packed_windows(cache_workspace)
+    restarted = [w for w in range(len(packed)) if plain.window(w)[0] != packed.window(w)[0] == tok.bos_token_id][:3]
+    assert restarted  # some windows start inside a document and were given a BOS
+    cache.verify_windows(restarted, [packed.window(w) for w in restarted])
+    with pytest.raises(ValueError, match="window_bos"):
+        cache.check_compatible(packed_windows(cache_workspace), tok)

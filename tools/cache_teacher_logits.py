@@ -48,7 +48,7 @@ from tqdm import tqdm
 from megadistill import distributed
 from megadistill.data.indexed import open_checked_datasets
 from megadistill.data.blend import blend_if_several
-from megadistill.data.packing import PackedDataset
+from megadistill.data.packing import PackedDataset, restart_id
 from megadistill.models.teacher import load_teacher_once, output_softcap
 from megadistill.teacher_cache import (CacheDiskFull, CacheInterrupted, CacheSpec, cache_meta, cached_rows, compute_shard,
                                        directory_bytes_per_token, interruptible, mlm_replay, remove_stale_temporaries,
@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="KD temperature of the stored top-k distribution (= loss.temperature; topk only)")
     p.add_argument("--seq-len", type=int, default=256, help="packed window length, tokens (= data.seq_len_tokens)")
+    p.add_argument("--window-bos", action="store_true",
+                   help="windows that start inside a document start with BOS instead (= data.window_bos)")
     p.add_argument("--seed", type=int, default=1234, help="packing seed (= train.seed)")
     p.add_argument("--blend-alpha", type=float, default=0.3, help="several --data prefixes: q_i ∝ n_i^alpha (= data.blend_alpha)")
     p.add_argument("--blend-weights", type=float, nargs="+", default=None, help="explicit blend weights (= data.blend_weights)")
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
 def cache_main(args) -> int:
     """The LM cache: plan, this rank's shards, then (rank 0) ``meta.json``; returns 0."""
     spec = CacheSpec(args.kind, args.k, args.top_p, args.seq_len, args.seed, args.windows_per_shard,
-                     document_masking=not args.no_document_masking, temperature=args.temperature)
+                     document_masking=not args.no_document_masking, temperature=args.temperature,
+                     window_bos=args.window_bos)
     spec.validate()
     distributed.init()
     teacher, tokenizer = load_teacher_once(args.teacher, args.cache_dir)
@@ -184,7 +187,10 @@ def cache_main(args) -> int:
     framing = "encoder" if spec.objective == "mlm" else "decoder"
     sources = blend_if_several(open_checked_datasets(args.data, tokenizer, framing), args.blend_alpha, args.blend_weights,
                                args.blend_total_tokens, seed=args.seed)
-    packed = PackedDataset(sources, args.seq_len, seed=args.seed, fixed_layout=True)
+    if args.window_bos and spec.objective == "mlm":
+        raise ValueError("--window-bos applies to causal (decoder) teachers")
+    packed = PackedDataset(sources, args.seq_len, seed=args.seed, fixed_layout=True,
+                           restart_id=restart_id(tokenizer, args.window_bos))
     meta = cache_meta(spec, packed, tokenizer, args.teacher, len(tokenizer), teacher.config.get_text_config().hidden_size,
                       output_softcap(teacher.config))
     output = Path(args.output)

@@ -39,6 +39,13 @@ class PackedDataset:
             per-window data is precomputed, e.g. an offline teacher-logit cache
             (:mod:`megadistill.teacher_cache`): window ``w`` then has the same tokens in
             every epoch and :meth:`window_id` names it.
+        restart_id: token id (the tokenizer's BOS) put in place of a window's first token when
+            that token lies inside a document, so every window starts the way a document does.
+            Decoder teachers such as Gemma lean on the BOS as an attention sink: on SIB-200 Hindi
+            dev, Gemma 3 270M scores 4.52 nats/token on whole documents with BOS and 7.40 without
+            (``bench/teacher_windows.py``). The first token of a window is context only (it was the
+            previous window's last target), so no target is lost; only that one context token
+            is replaced. None (default) keeps the raw stream.
 
     Sample ``i`` is deterministic for (datasets, L, seed): the same index returns the same
     tokens in every process and after a restart. ``len()`` is the samples in one epoch;
@@ -50,8 +57,9 @@ class PackedDataset:
     """
 
     def __init__(self, datasets: Sequence, seq_len_tokens: int, seed: int = 1234, shuffle: bool = True,
-                 fixed_layout: bool = False):
+                 fixed_layout: bool = False, restart_id: int | None = None):
         self.datasets = list(datasets)
+        self.restart_id = restart_id
         self.seq_len_tokens = seq_len_tokens
         self.seed = seed
         self.shuffle = shuffle
@@ -161,10 +169,28 @@ class PackedDataset:
 
     def _read_window(self, order: np.ndarray, starts: np.ndarray, local: int) -> tuple[np.ndarray, np.ndarray]:
         """Cut window ``local`` out of the document stream given by ``order`` / ``starts``."""
-        pieces = [np.asarray(self.datasets[d][i][a:b], dtype=np.int64)
-                  for d, i, a, b in self._window_segments(order, starts, local)]
+        segments = self._window_segments(order, starts, local)
+        pieces = [np.asarray(self.datasets[d][i][a:b], dtype=np.int64) for d, i, a, b in segments]
         doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int64), [len(p) for p in pieces])
-        return np.concatenate(pieces), doc_ids
+        tokens = np.concatenate(pieces)
+        if self.restart_id is not None and segments[0][2] > 0:  # the window starts inside a document
+            tokens[0] = self.restart_id
+        return tokens, doc_ids
+
+
+def restart_id(tokenizer, window_bos: bool) -> int | None:
+    """The ``restart_id`` of :class:`PackedDataset` for ``data.window_bos``: the tokenizer's BOS id, or None when off.
+
+    Raises:
+        ValueError: ``window_bos`` is set but the tokenizer has no BOS token.
+    """
+    if not window_bos:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError(f"data.window_bos: the teacher tokenizer ({type(tokenizer).__name__}) has no BOS token; "
+                         "set data.window_bos=false")
+    return int(bos)
 
 
 def _doc_lengths(dataset) -> np.ndarray:

@@ -96,6 +96,9 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     teacher, tokenizer = load_teacher_once(cfg.teacher.path, cfg.teacher.cache_dir)
     if adapter_for(teacher).family != "decoder":
         raise ValueError("student.tokenizer: cross-tokenizer KD needs a decoder (causal LM) teacher")
+    if cfg.data.window_bos:
+        raise ValueError("data.window_bos is not supported with student.tokenizer (the student's windows define the "
+                         "packing): set data.window_bos=false")
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
     parts = build_student(cfg.student, cfg.train.seed, teacher, tokenizer, [], teacher_vocab)
     student_tokenizer, student = parts.tokenizer, parts.model

@@ -19,7 +19,7 @@ from megadistill.data.batches import ClmBatches, MlmBatches, batch_iterator, eva
 from megadistill.data.blend import BlendedDataset, blend_if_several, format_report
 from megadistill.data.indexed import open_checked_datasets
 from megadistill.data.masking import MaskingConfig, MlmCollator
-from megadistill.data.packing import PackedDataset
+from megadistill.data.packing import PackedDataset, restart_id
 from megadistill.files import atomic_write_text
 from megadistill.models.adapters import adapter_for
 from megadistill.models.teacher import count_parameters, load_teacher_once, output_softcap
@@ -43,8 +43,12 @@ def _datasets(cfg: RunConfig, tokenizer, run_dir: Path, masked: bool):
     if isinstance(sources[0], BlendedDataset) and distributed.is_main():
         log.info("language blend (alpha %s):\n%s", cfg.data.blend_alpha, format_report(sources[0].report()))
         atomic_write_text(run_dir / "blend.json", json.dumps(sources[0].report(), indent=2))
-    train = PackedDataset(sources, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=cfg.teacher.mode == "offline")
-    valid = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False) if valid_sets else None
+    if masked and cfg.data.window_bos:
+        raise ValueError("data.window_bos applies to causal (decoder) teachers; a masked-LM teacher's windows keep their tokens")
+    restart = restart_id(tokenizer, cfg.data.window_bos)
+    train = PackedDataset(sources, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=cfg.teacher.mode == "offline",
+                          restart_id=restart)
+    valid = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False, restart_id=restart) if valid_sets else None
     return train_sets, train, valid
 
 
