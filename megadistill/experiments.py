@@ -362,6 +362,8 @@ class CacheTask:
     top_p: float
     temperature: float
     document_masking: bool
+    window_bos: bool = False
+    """Windows starting inside a document start with BOS (``data.window_bos``)."""
 
     def command(self, teacher: str, data: ViewData, ranks: int) -> list[str]:
         """The ``tools/cache_teacher_logits.py`` command line that builds this cache."""
@@ -371,6 +373,8 @@ class CacheTask:
             args += ["--k", str(self.k), "--top-p", f"{self.top_p:g}", "--temperature", f"{self.temperature:g}"]
         if not self.document_masking:
             args.append("--no-document-masking")
+        if self.window_bos:
+            args.append("--window-bos")
         return launcher(ranks) + args
 
 
@@ -518,7 +522,7 @@ def _cache_entry(grid: Grid, out: Path, lang: str, cfg: RunConfig, view: str) ->
     """``(key, CacheTask)`` of the teacher signal an offline cell reads.
 
     The key is ``<view>-L<seq_len>-s<seed>-k<k>`` (``-p<top_p>`` when < 1, ``-T<t>`` when the
-    temperature is not 1, ``-nodm`` without document masking); a logit divergence (mse, cosine)
+    temperature is not 1, ``-nodm`` without document masking, ``-bos`` with ``data.window_bos``); a logit divergence (mse, cosine)
     reads final hidden states: ``<view>-L<seq_len>-s<seed>-hidden``.
     """
     kind = "hidden" if cfg.loss.divergence in LOGIT_DIVERGENCES else "topk"
@@ -526,10 +530,10 @@ def _cache_entry(grid: Grid, out: Path, lang: str, cfg: RunConfig, view: str) ->
     key = f"{view}-L{seq_len}-s{seed}-" + ("hidden" if kind == "hidden" else f"k{grid.cache_k}")
     if kind == "topk":
         key += (f"-p{grid.cache_top_p:g}" if grid.cache_top_p < 1 else "") + (f"-T{temperature:g}" if temperature != 1 else "")
-    key += "" if cfg.data.document_masking else "-nodm"
+    key += ("" if cfg.data.document_masking else "-nodm") + ("-bos" if cfg.data.window_bos else "")
     task = CacheTask(key=key, directory=out / lang / "cache" / key, view=view, kind=kind, seq_len=seq_len, seed=seed,
                      k=grid.cache_k, top_p=grid.cache_top_p, temperature=temperature if kind == "topk" else 1.0,
-                     document_masking=cfg.data.document_masking)
+                     document_masking=cfg.data.document_masking, window_bos=cfg.data.window_bos)
     return key, task
 
 

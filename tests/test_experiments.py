@@ -26,7 +26,7 @@ from tools.run_experiments import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.seq_len_tokens=16", "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=1",
         "train.eval_every_steps=2", "train.save_every_steps=2", "train.eval_max_batches=2", "optim.warmup_steps=1",
-        "loss.chunk_size_tokens=16", "student.layer_map=2"]
+        "loss.chunk_size_tokens=16", "student.layer_map=2", "data.window_bos=true"]
 
 
 def write_grid(path: Path, teacher: Path | None, data_dir: Path, cells: dict, languages=("hin_Deva",)) -> Path:
@@ -85,7 +85,7 @@ def test_cells_are_trained_evaluated_and_share_one_cache(grid_run):
         assert record["train_s"] > 0 and record["eval_s"] > 0 and len(record["config_sha256"]) == 64
         assert "megadistill/train.py" in record["command"] and "run_dir=" + str(lang / cell) in record["overrides"]
     caches = [p for p in (lang / "cache").iterdir() if p.is_dir()]
-    assert [p.name for p in caches] == ["native-L16-s1234-k8"] and (caches[0] / "meta.json").is_file()
+    assert [p.name for p in caches] == ["native-L16-s1234-k8-bos"] and (caches[0] / "meta.json").is_file()
     kd = yaml.safe_load((lang / "kd" / "config.yaml").read_text())
     assert kd["teacher"]["mode"] == "offline" and kd["teacher"]["logit_cache"] == str(caches[0])
     assert yaml.safe_load((lang / "base" / "config.yaml").read_text())["teacher"]["mode"] == "none"
@@ -102,7 +102,7 @@ def test_cells_are_trained_evaluated_and_share_one_cache(grid_run):
 def test_rerun_skips_finished_cells_and_keeps_the_cache(grid_run):
     _, grid, out, _ = grid_run
     lang = out / "hin_Deva"
-    watched = [lang / "kd" / "eval.json", lang / "base" / "eval.json", lang / "cache" / "native-L16-s1234-k8" / "meta.json"]
+    watched = [lang / "kd" / "eval.json", lang / "base" / "eval.json", lang / "cache" / "native-L16-s1234-k8-bos" / "meta.json"]
     before = [p.stat().st_mtime_ns for p in watched]
     rc, stdout, stderr = run_main([str(grid), "--out", str(out)])
     assert rc == 0, stdout + stderr
@@ -164,5 +164,6 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, sib200_dir):
     assert "[1/6] hin_Deva/kd (todo)" in proc.stdout and "[6/6] sat_Olck/base (todo)" in proc.stdout
     assert "megadistill/train.py" in proc.stdout and "train.max_steps=3" in proc.stdout
     assert "--chars-from " + str(sib200_dir / "hin_Deva" / "dev.tsv") in proc.stdout
-    assert "cache/native-L16-s1234-k8" in proc.stdout and "cache/iso-L16-s1234-k8" in proc.stdout
+    assert "cache/native-L16-s1234-k8-bos" in proc.stdout and "cache/iso-L16-s1234-k8-bos" in proc.stdout
+    assert "--window-bos" in proc.stdout  # the caches are built with the windows the cells train on
     assert not (tmp_path / "out").exists()
