@@ -167,3 +167,18 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, sib200_dir):
     assert "cache/native-L16-s1234-k8-bos" in proc.stdout and "cache/iso-L16-s1234-k8-bos" in proc.stdout
     assert "--window-bos" in proc.stdout  # the caches are built with the windows the cells train on
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_renders_from_the_runner_output(grid_run, tmp_path):
+    from matplotlib.image import imread
+
+    from megadistill.report import grid_plots, grid_table
+
+    _, _, out, _ = grid_run
+    table = grid_table(out)
+    kd, base = (json.loads((out / "hin_Deva" / c / "eval.json").read_text())["results"][0]["bits_per_char"] for c in ("kd", "base"))
+    row = next(line for line in table.splitlines() if line.startswith("| hin_Deva | kd "))
+    assert f"{kd:.4f}" in row and f"{100 * (kd / base - 1):+.1f}%" in row  # relative to its own baseline cell
+    pngs = grid_plots(out, tmp_path)
+    assert {p.name for p in pngs} >= {"bits_per_char.png", "curves_hin_Deva.png", "bpc_vs_tokens.png"}
+    assert all(imread(p).ndim == 3 for p in pngs)
