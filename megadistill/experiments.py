@@ -959,9 +959,44 @@ def grid_record(plan: Plan, teacher: str) -> dict:
     }
 
 
+def merge_grid_records(old: dict, new: dict) -> dict:
+    """``new`` plus what an earlier invocation on the same ``--out`` recorded (``--langs`` / ``--cells`` subsets).
+
+    Languages and cells keep their first-seen order; per language the runs' cells, teacher
+    evaluations and caches are united; skipped entries are deduplicated. ``new`` wins on every
+    other field.
+    """
+    merged = dict(new)
+    merged["languages"] = list(dict.fromkeys([*old.get("languages", []), *new["languages"]]))
+    merged["cells"] = {**old.get("cells", {}), **new["cells"]}
+    runs = {lang: dict(run) for lang, run in old.get("runs", {}).items()}
+    for lang, run in new["runs"].items():
+        before = runs.get(lang, {})
+        runs[lang] = {"teacher_eval": {**before.get("teacher_eval", {}), **run["teacher_eval"]},
+                      "caches": {**before.get("caches", {}), **run["caches"]},
+                      "cells": list(dict.fromkeys([*before.get("cells", []), *run["cells"]]))}
+    merged["runs"] = runs
+    merged["skipped"] = [s for i, s in enumerate(old.get("skipped", []) + new["skipped"])
+                         if s not in (old.get("skipped", []) + new["skipped"])[:i]]
+    return merged
+
+
 def write_grid_json(plan: Plan, teacher: str) -> None:
-    """Write ``<out>/grid.json`` atomically."""
-    atomic_write_text(plan.out / "grid.json", json.dumps(grid_record(plan, teacher), indent=2, ensure_ascii=False) + "\n")
+    """Write ``<out>/grid.json`` atomically, merged with the one an earlier invocation wrote there.
+
+    Raises:
+        GridError: the existing ``grid.json`` is not JSON, or belongs to a grid of another name.
+    """
+    path, record = plan.out / "grid.json", grid_record(plan, teacher)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise GridError(f"{path}: not valid JSON ({err}): delete it or use another --out") from None
+        if old.get("name") != record["name"]:
+            raise GridError(f"{path} belongs to grid {old.get('name')!r}, not {record['name']!r}: use another --out")
+        record = merge_grid_records(old, record)
+    atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 def describe_plan(plan: Plan, teacher: str) -> list[str]:

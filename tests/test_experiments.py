@@ -182,3 +182,12 @@ def test_the_report_renders_from_the_runner_output(grid_run, tmp_path):
     pngs = grid_plots(out, tmp_path)
     assert {p.name for p in pngs} >= {"bits_per_char.png", "curves_hin_Deva.png", "bpc_vs_tokens.png"}
     assert all(imread(p).ndim == 3 for p in pngs)
+
+
+def test_a_subset_rerun_keeps_what_earlier_invocations_recorded(grid_run):
+    _, grid, out, _ = grid_run
+    rc, stdout, stderr = run_main([str(grid), "--out", str(out), "--cells", "base"])
+    assert rc == 0, stdout + stderr
+    record = json.loads((out / "grid.json").read_text())
+    assert list(record["cells"]) == ["kd", "base"] and record["runs"]["hin_Deva"]["cells"] == ["kd", "base"]
+    assert "native-L16-s1234-k8-bos" in record["runs"]["hin_Deva"]["caches"]
