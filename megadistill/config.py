@@ -83,7 +83,7 @@ class DataConfig:
     window_bos: bool = False
     """Causal teachers: put the tokenizer's BOS in place of the first token of every packed window
     that starts inside a document (train and valid windows), so each window starts as a document
-    does. Gemma-style teachers lean on BOS: without it their next-token distributions are much
+    does. Not applied (logged) with a masked-LM teacher or a ``student.tokenizer``. Gemma-style teachers lean on BOS: without it their next-token distributions are much
     worse (``bench/teacher_windows.py``). An offline teacher cache must be built the same way
     (``tools/cache_teacher_logits.py --window-bos``)."""
     blend_alpha: float = 0.3

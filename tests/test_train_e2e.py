@@ -48,7 +48,7 @@ def train_args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
         f"data.valid_prefixes=[{workspace / 'data' / 'hin.dev'}]",
         "data.seq_len_tokens=32", "student.layer_map=2", "train.micro_batch_size=2", "train.grad_accum_steps=2",
         "train.max_steps=6", "train.eval_every_steps=3", "train.eval_max_batches=2", "train.save_every_steps=3",
-        "optim.warmup_steps=2", "loss.chunk_size_tokens=16", *extra,
+        "optim.warmup_steps=2", "loss.chunk_size_tokens=16", "loss.ce_weight=0.5", "loss.kd_weight=0.5", *extra,
     ]
 
 
@@ -153,7 +153,7 @@ def test_offline_cache_run_with_reverse_kl_and_schedule(workspace):
     proc = subprocess.run(
         [sys.executable, "tools/cache_teacher_logits.py", "--teacher", str(workspace / "teacher"), "--data",
          str(workspace / "data" / "hin.train"), "--output", str(cache), "--seq-len", "32", "--seed", "1234", "--k", "8",
-         "--windows-per-shard", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "--windows-per-shard", "64", "--window-bos"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = workspace / "run_offline"
     run_train(workspace, run_dir, "teacher.mode=offline", f"teacher.logit_cache={cache}", "loss.divergence=reverse_kl",

@@ -31,6 +31,7 @@ and exit 128 + signum (143 / 130) with one line; rerunning the same command resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -187,10 +188,11 @@ def cache_main(args) -> int:
     framing = "encoder" if spec.objective == "mlm" else "decoder"
     sources = blend_if_several(open_checked_datasets(args.data, tokenizer, framing), args.blend_alpha, args.blend_weights,
                                args.blend_total_tokens, seed=args.seed)
-    if args.window_bos and spec.objective == "mlm":
-        raise ValueError("--window-bos applies to causal (decoder) teachers")
+    if args.window_bos and spec.objective == "mlm":  # as training does with data.window_bos and a masked-LM teacher
+        print("cache: --window-bos is not applied to a masked-LM teacher", file=sys.stderr)
+        spec = dataclasses.replace(spec, window_bos=False)
     packed = PackedDataset(sources, args.seq_len, seed=args.seed, fixed_layout=True,
-                           restart_id=restart_id(tokenizer, args.window_bos))
+                           restart_id=restart_id(tokenizer, spec.window_bos))
     meta = cache_meta(spec, packed, tokenizer, args.teacher, len(tokenizer), teacher.config.get_text_config().hidden_size,
                       output_softcap(teacher.config))
     output = Path(args.output)

@@ -97,8 +97,7 @@ def build(cfg: RunConfig, ds_config: dict) -> StageRun:
     if adapter_for(teacher).family != "decoder":
         raise ValueError("student.tokenizer: cross-tokenizer KD needs a decoder (causal LM) teacher")
     if cfg.data.window_bos:
-        raise ValueError("data.window_bos is not supported with student.tokenizer (the student's windows define the "
-                         "packing): set data.window_bos=false")
+        log.info("data.window_bos is not applied with student.tokenizer: the student's windows define the packing")
     teacher_vocab = check_vocab_sizes(teacher, tokenizer)
     parts = build_student(cfg.student, cfg.train.seed, teacher, tokenizer, [], teacher_vocab)
     student_tokenizer, student = parts.tokenizer, parts.model

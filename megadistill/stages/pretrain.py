@@ -43,9 +43,9 @@ def _datasets(cfg: RunConfig, tokenizer, run_dir: Path, masked: bool):
     if isinstance(sources[0], BlendedDataset) and distributed.is_main():
         log.info("language blend (alpha %s):\n%s", cfg.data.blend_alpha, format_report(sources[0].report()))
         atomic_write_text(run_dir / "blend.json", json.dumps(sources[0].report(), indent=2))
-    if masked and cfg.data.window_bos:
-        raise ValueError("data.window_bos applies to causal (decoder) teachers; a masked-LM teacher's windows keep their tokens")
-    restart = restart_id(tokenizer, cfg.data.window_bos)
+    if masked and cfg.data.window_bos and distributed.is_main():
+        log.info("data.window_bos is not applied: it is for causal teachers; a masked-LM teacher's windows keep their tokens")
+    restart = restart_id(tokenizer, cfg.data.window_bos and not masked)
     train = PackedDataset(sources, cfg.data.seq_len_tokens, seed=cfg.train.seed, fixed_layout=cfg.teacher.mode == "offline",
                           restart_id=restart)
     valid = PackedDataset(valid_sets, cfg.data.seq_len_tokens, shuffle=False, restart_id=restart) if valid_sets else None
