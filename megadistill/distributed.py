@@ -76,7 +76,7 @@ def init(timeout_s: int = 1800) -> None:
         # Plain `python train.py`: a one-process group, so DeepSpeed needs no MPI discovery.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     else:
@@ -97,7 +97,8 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a one-process group's, or a launcher's, rendezvous)."""
     import socket
 
     with socket.socket() as sock:

@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ from typing import Any, Callable
 
 import yaml
 
+from megadistill import distributed
 from megadistill.config import RunConfig, load_config, to_dict
 from megadistill.files import atomic_write_text
 
@@ -626,14 +626,7 @@ def launcher(ranks: int) -> list[str]:
     if ranks == 1:
         return [sys.executable]
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    return [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the DeepSpeed launcher's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks), "--master_port", str(distributed.free_port())]
 
 
 def train_command(grid: Grid, cp: CellPlan) -> list[str]:
@@ -976,8 +969,8 @@ def merge_grid_records(old: dict, new: dict) -> dict:
                       "caches": {**before.get("caches", {}), **run["caches"]},
                       "cells": list(dict.fromkeys([*before.get("cells", []), *run["cells"]]))}
     merged["runs"] = runs
-    merged["skipped"] = [s for i, s in enumerate(old.get("skipped", []) + new["skipped"])
-                         if s not in (old.get("skipped", []) + new["skipped"])[:i]]
+    skipped = old.get("skipped", []) + new["skipped"]
+    merged["skipped"] = [s for i, s in enumerate(skipped) if s not in skipped[:i]]
     return merged
 
 
