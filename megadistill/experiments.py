@@ -510,6 +510,22 @@ def _plan_cell(grid: Grid, out: Path, lang: str, cell: Cell, data: ViewData, cac
                     cache=cache)
 
 
+def check_planned_config(grid: Grid, cp: CellPlan, out: Path) -> None:
+    """Refuse to train a cell whose recipe file changed between planning and its turn to run.
+
+    The training subprocess reads ``grid.recipe`` itself when it starts, maybe hours after the
+    plan hashed it; without this check ``cell.json`` would record the planned config while the run
+    used the edited file. Called right before each cell trains (re-resolving is milliseconds).
+
+    Raises:
+        GridError: the recipe (or a file it includes) now resolves to another config, naming the
+            cell and the recipe; rerunning plans and records the new config.
+    """
+    if config_sha256(_resolve(grid, cp.cell, cp.language, cp.overrides), out) != cp.sha256:
+        raise GridError(f"{cp.language}/{cp.cell.name}: {grid.recipe} changed after this invocation planned the cell; "
+                        "nothing of it was trained: rerun the same command to plan and train it on the new recipe")
+
+
 def _resolve(grid: Grid, cell: Cell, lang: str, overrides: list[str]) -> RunConfig:
     """``load_config(recipe, overrides)``; its errors as GridError naming the file and the cell."""
     try:
@@ -810,6 +826,8 @@ class Runner:
         if cp.status == "done":
             self.echo(f"[{self._index}/{self.plan.cell_count}] skip {cp.language}/{cp.cell.name} (done)")
             return
+        if cp.status in ("todo", "resume"):
+            check_planned_config(self.plan.grid, cp, self.plan.out)  # before cell.json: a refused cell stays "todo"
         log, record = cp.run_dir / "run.log", cell_record(cp, train_command(self.plan.grid, cp))
         old = _read_json(cp.run_dir / "cell.json") or {}
         record.update({k: old[k] for k in ("train_s", "eval_s") if old.get(k) is not None})

@@ -191,3 +191,22 @@ def test_a_subset_rerun_keeps_what_earlier_invocations_recorded(grid_run):
     record = json.loads((out / "grid.json").read_text())
     assert list(record["cells"]) == ["kd", "base"] and record["runs"]["hin_Deva"]["cells"] == ["kd", "base"]
     assert "native-L16-s1234-k8-bos" in record["runs"]["hin_Deva"]["caches"]
+
+
+def test_a_recipe_edited_after_planning_is_refused_before_training(tmp_path, sib200_dir):
+    from megadistill.experiments import GridError, check_planned_config, plan_grid
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "megadistill/recipes/quickstart.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    grid_file = write_grid(tmp_path / "g.yaml", tmp_path, sib200_dir, {"base": CELLS["base"]})
+    spec = yaml.safe_load(grid_file.read_text(encoding="utf-8"))
+    grid_file.write_text(yaml.safe_dump({**spec, "recipe": str(recipe)}), encoding="utf-8")
+    grid = load_grid(grid_file)
+    plan = plan_grid(grid, tmp_path / "out")
+    cell = plan.languages[0].cells[0]
+    check_planned_config(grid, cell, plan.out)  # unchanged: no error
+    config = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    config["optim"]["lr"] = 1e-3
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(GridError, match=r"hin_Deva/base: .*recipe.yaml changed after this invocation planned"):
+        check_planned_config(grid, cell, plan.out)
