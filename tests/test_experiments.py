@@ -29,9 +29,10 @@ TINY = ["data.seq_len_tokens=16", "train.max_steps=2", "train.micro_batch_size=2
         "loss.chunk_size_tokens=16", "student.layer_map=2", "data.window_bos=true"]
 
 
-def write_grid(path: Path, teacher: Path | None, data_dir: Path, cells: dict, languages=("hin_Deva",)) -> Path:
-    """A grid file over the quickstart recipe with the tiny budget in ``common``."""
-    grid = {"name": "tiny", "recipe": str(ROOT / "megadistill/recipes/quickstart.yaml"), "data_dir": str(data_dir),
+def write_grid(path: Path, teacher: Path | None, data_dir: Path, cells: dict, languages=("hin_Deva",),
+               recipe: Path = ROOT / "megadistill/recipes/quickstart.yaml") -> Path:
+    """A grid file over ``recipe`` (default: the quickstart's) with the tiny budget in ``common``."""
+    grid = {"name": "tiny", "recipe": str(recipe), "data_dir": str(data_dir),
             "languages": list(languages), "ranks": 1, "common": TINY, "cache": {"k": 8}, "cells": cells}
     if teacher is not None:
         grid["teacher"] = str(teacher)
@@ -198,10 +199,7 @@ def test_a_recipe_edited_after_planning_is_refused_before_training(tmp_path, sib
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((ROOT / "megadistill/recipes/quickstart.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-    grid_file = write_grid(tmp_path / "g.yaml", tmp_path, sib200_dir, {"base": CELLS["base"]})
-    spec = yaml.safe_load(grid_file.read_text(encoding="utf-8"))
-    grid_file.write_text(yaml.safe_dump({**spec, "recipe": str(recipe)}), encoding="utf-8")
-    grid = load_grid(grid_file)
+    grid = load_grid(write_grid(tmp_path / "g.yaml", tmp_path, sib200_dir, {"base": CELLS["base"]}, recipe=recipe))
     plan = plan_grid(grid, tmp_path / "out")
     cell = plan.languages[0].cells[0]
     check_planned_config(grid, cell, plan.out)  # unchanged: no error
